@@ -1,0 +1,17 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="kprune",
+    version="0.1.0",
+    description="Structured channel pruning for Keras 3 models: graph, surgeon, criteria, ResRep, Slimming, CondenseNet.",
+    long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["kprune", "kprune.*"]),
+    python_requires=">=3.10",
+    install_requires=["tensorflow>=2.16", "keras>=3.5", "numpy"],
+    extras_require={
+        "dev": ["pytest", "hypothesis", "scikit-learn", "ai-edge-litert"],
+        "litert": ["ai-edge-litert"],
+    },
+    entry_points={"console_scripts": ["kprune=kprune.cli:main"]},
+)
