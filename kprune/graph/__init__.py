@@ -1,0 +1,5 @@
+"""The channel-dependency graph of a Keras model."""
+
+from kprune.graph.dependency import DependencyGraph, Group, Member  # noqa: F401
+from kprune.graph.rules import LayerRule, get_rule, register_rule  # noqa: F401
+from kprune.graph.walk import FlatGraph, walk  # noqa: F401

@@ -1,0 +1,642 @@
+"""One rule per layer type: how channels pass through it and how to slice it.
+
+A rule has three jobs:
+
+* `propagate(ctx)`: given the channel layout of the call's inputs, say which
+  atoms the outputs carry, and record the layer's role (producer, consumer,
+  per-channel parameters) or block a group it cannot handle.
+* `slice(layer, weights, keep_in, keep_out)`: the new config and weights once
+  some input/output channels are removed.
+* `zero(layer, weights, drop_in)`: the same layer with the input weights of
+  removed channels set to zero (the reference a pruned model must equal).
+
+Users extend the table with `register_rule(LayerClass, rule)`.
+"""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+
+from kprune.errors import KprunError
+from kprune.graph.channels import ChannelSpec
+
+_RULES: dict = {}
+
+
+def register_rule(layer_class, rule: "LayerRule") -> None:
+    """Register `rule` for layers of exactly `layer_class`.
+
+    Args:
+        layer_class: A Keras layer (or operation) class.
+        rule: A `LayerRule` instance.
+
+    Example:
+
+    >>> register_rule(MyScale, PassThroughRule())   # a per-element layer
+    """
+    _RULES[layer_class] = rule
+
+
+def get_rule(layer) -> "LayerRule":
+    """The rule for `layer`'s exact class, or the blocking `UnknownRule`."""
+    return _RULES.get(type(layer), UNKNOWN)
+
+
+def channel_axis(layer, rank: int) -> int:
+    """Channel axis (with batch axis) of a layer that has a `data_format`."""
+    fmt = getattr(layer, "data_format", "channels_last")
+    return 1 if fmt == "channels_first" else rank - 1
+
+
+def norm_axis(axis: int, rank: int) -> int:
+    return axis + rank if axis < 0 else axis
+
+
+def _idx(mask):
+    return np.flatnonzero(mask)
+
+
+class LayerRule:
+    """Base rule: copies config and weights unchanged."""
+
+    def propagate(self, ctx) -> list:
+        raise NotImplementedError
+
+    def slice(self, layer, weights: dict, keep_in: list, keep_out: list):
+        return layer.get_config(), dict(weights)
+
+    def zero(self, layer, weights: dict, drop_in: list) -> dict:
+        return dict(weights)
+
+
+class UnknownRule(LayerRule):
+    """A layer with no rule: its inputs' groups are blocked, outputs are new."""
+
+    def propagate(self, ctx):
+        reason = (f"layer '{ctx.layer.name}' ({type(ctx.layer).__name__}) has no "
+                  "channel rule; register one with kprune.graph.register_rule")
+        ctx.block_all(reason)
+        return ctx.unknown_outputs(reason)
+
+
+UNKNOWN = UnknownRule()
+
+
+def _input_on_axis(ctx, axis_expected: int, what: str):
+    """The first input's spec if its channel axis is `axis_expected`, else None (blocked)."""
+    spec = ctx.inputs[0] if ctx.inputs else None
+    if spec is None:
+        return None
+    if spec.axis != axis_expected:
+        ctx.block(spec.atoms, f"layer '{ctx.layer.name}' reads axis {axis_expected} "
+                              f"but the channels of its input are on axis {spec.axis} ({what})")
+        return None
+    return spec
+
+
+# --------------------------------------------------------------------------
+# Producers and consumers
+# --------------------------------------------------------------------------
+class ConvRule(LayerRule):
+    """Conv1D/2D/3D, with `groups >= 1`. Kernel: (*k, Cin/groups, Cout)."""
+
+    def propagate(self, ctx):
+        layer = ctx.layer
+        rank = len(ctx.shapes[0])
+        axis = channel_axis(layer, rank)
+        spec = _input_on_axis(ctx, axis, "data_format")
+        cout = int(layer.filters)
+        groups = int(getattr(layer, "groups", 1) or 1)
+        out_axis = channel_axis(layer, len(ctx.out_shapes[0]))
+        if spec is not None and groups > 1 and spec.size == cout:
+            # Grouped conv with Cin == Cout (ResNeXt, depthwise-like): channel i in
+            # and out are removed together, evenly over the conv groups.
+            ctx.consumer(spec.atoms)
+            ctx.producer(spec.atoms)
+            ctx.partition(spec.atoms, groups)
+            return [ChannelSpec(out_axis, spec.atoms)]
+        out = ctx.fresh(cout)
+        if spec is not None:
+            ctx.consumer(spec.atoms)
+            if groups > 1:
+                ctx.partition(spec.atoms, groups)
+        if groups > 1:
+            ctx.partition(out, groups)
+        ctx.producer(out)
+        return [ChannelSpec(out_axis, out)]
+
+    def slice(self, layer, weights, keep_in, keep_out):
+        config = layer.get_config()
+        groups = int(config.get("groups", 1) or 1)
+        kin, kout = keep_in[0], keep_out[0]
+        w = dict(weights)
+        kernel = w["kernel"]
+        if groups == 1:
+            w["kernel"] = kernel[..., _idx(kin), :][..., _idx(kout)]
+        else:
+            w["kernel"] = _slice_grouped(layer.name, kernel, kin, kout, groups)
+        if "bias" in w:
+            w["bias"] = w["bias"][_idx(kout)]
+        config["filters"] = int(kout.sum())
+        return config, w
+
+    def zero(self, layer, weights, drop_in):
+        w = dict(weights)
+        groups = int(getattr(layer, "groups", 1) or 1)
+        kernel = w["kernel"].copy()
+        drop = _idx(drop_in[0])
+        if groups == 1:
+            kernel[..., drop, :] = 0
+        else:
+            cin_g = kernel.shape[-2]
+            cout_g = kernel.shape[-1] // groups
+            for i in drop:
+                g = i // cin_g
+                kernel[..., i % cin_g, g * cout_g:(g + 1) * cout_g] = 0
+        w["kernel"] = kernel
+        return w
+
+
+def _slice_grouped(name, kernel, kin, kout, groups):
+    cin_g, cout = kernel.shape[-2], kernel.shape[-1]
+    cout_g = cout // groups
+    blocks, n_in, n_out = [], set(), set()
+    for g in range(groups):
+        ins = _idx(kin[g * cin_g:(g + 1) * cin_g])
+        outs = g * cout_g + _idx(kout[g * cout_g:(g + 1) * cout_g])
+        n_in.add(len(ins))
+        n_out.add(len(outs))
+        blocks.append(kernel[..., ins, :][..., outs])
+    if len(n_in) > 1 or len(n_out) > 1:
+        raise KprunError(
+            f"Layer '{name}' is a grouped convolution with {groups} groups: channels must "
+            f"be removed evenly from every group (kept inputs per group {sorted(n_in)}, "
+            f"kept outputs per group {sorted(n_out)})."
+        )
+    if 0 in n_in or 0 in n_out:
+        raise KprunError(f"Layer '{name}': removal would empty a convolution group.")
+    return np.concatenate(blocks, axis=-1)
+
+
+class ConvTransposeRule(LayerRule):
+    """Conv1D/2D/3DTranspose. Kernel: (*k, Cout, Cin)."""
+
+    def propagate(self, ctx):
+        layer = ctx.layer
+        spec = _input_on_axis(ctx, channel_axis(layer, len(ctx.shapes[0])), "data_format")
+        out = ctx.fresh(int(layer.filters))
+        if spec is not None:
+            ctx.consumer(spec.atoms)
+        ctx.producer(out)
+        return [ChannelSpec(channel_axis(layer, len(ctx.out_shapes[0])), out)]
+
+    def slice(self, layer, weights, keep_in, keep_out):
+        config, w = layer.get_config(), dict(weights)
+        w["kernel"] = w["kernel"][..., _idx(keep_out[0]), :][..., _idx(keep_in[0])]
+        if "bias" in w:
+            w["bias"] = w["bias"][_idx(keep_out[0])]
+        config["filters"] = int(keep_out[0].sum())
+        return config, w
+
+    def zero(self, layer, weights, drop_in):
+        w = dict(weights)
+        kernel = w["kernel"].copy()
+        kernel[..., _idx(drop_in[0])] = 0
+        w["kernel"] = kernel
+        return w
+
+
+class DepthwiseRule(LayerRule):
+    """DepthwiseConv1D/2D: channel c in gives outputs c*m .. c*m+m-1 (m = multiplier)."""
+
+    def propagate(self, ctx):
+        layer = ctx.layer
+        spec = _input_on_axis(ctx, channel_axis(layer, len(ctx.shapes[0])), "data_format")
+        out_axis = channel_axis(layer, len(ctx.out_shapes[0]))
+        mult = int(layer.depth_multiplier)
+        if spec is None:
+            return ctx.unknown_outputs(f"input of '{layer.name}' has unknown channels")
+        atoms = np.repeat(spec.atoms, mult)
+        ctx.param(atoms)
+        return [ChannelSpec(out_axis, atoms)]
+
+    def slice(self, layer, weights, keep_in, keep_out):
+        w = dict(weights)
+        w["kernel"] = w["kernel"][..., _idx(keep_in[0]), :]
+        if "bias" in w:
+            w["bias"] = w["bias"][_idx(keep_out[0])]
+        return layer.get_config(), w
+
+
+class SeparableConvRule(LayerRule):
+    """SeparableConv1D/2D: depthwise (*k, Cin, m), pointwise (*1, Cin*m, Cout)."""
+
+    def propagate(self, ctx):
+        layer = ctx.layer
+        spec = _input_on_axis(ctx, channel_axis(layer, len(ctx.shapes[0])), "data_format")
+        out = ctx.fresh(int(layer.filters))
+        if spec is not None:
+            ctx.consumer(spec.atoms)
+        ctx.producer(out)
+        return [ChannelSpec(channel_axis(layer, len(ctx.out_shapes[0])), out)]
+
+    def slice(self, layer, weights, keep_in, keep_out):
+        config, w = layer.get_config(), dict(weights)
+        mult = int(layer.depth_multiplier)
+        kin, kout = keep_in[0], keep_out[0]
+        w["depthwise_kernel"] = w["depthwise_kernel"][..., _idx(kin), :]
+        rows = _idx(np.repeat(kin, mult))
+        w["pointwise_kernel"] = w["pointwise_kernel"][..., rows, :][..., _idx(kout)]
+        if "bias" in w:
+            w["bias"] = w["bias"][_idx(kout)]
+        config["filters"] = int(kout.sum())
+        return config, w
+
+    def zero(self, layer, weights, drop_in):
+        w = dict(weights)
+        mult = int(layer.depth_multiplier)
+        dw, pw = w["depthwise_kernel"].copy(), w["pointwise_kernel"].copy()
+        dw[..., _idx(drop_in[0]), :] = 0
+        pw[..., _idx(np.repeat(drop_in[0], mult)), :] = 0
+        w["depthwise_kernel"], w["pointwise_kernel"] = dw, pw
+        return w
+
+
+class DenseRule(LayerRule):
+    """Dense on the last axis. Kernel: (in, out)."""
+
+    def propagate(self, ctx):
+        layer = ctx.layer
+        if getattr(layer, "lora_rank", None):
+            return UNKNOWN.propagate(ctx)
+        spec = _input_on_axis(ctx, len(ctx.shapes[0]) - 1, "Dense reads the last axis")
+        out = ctx.fresh(int(layer.units))
+        if spec is not None:
+            ctx.consumer(spec.atoms)
+        ctx.producer(out)
+        return [ChannelSpec(len(ctx.out_shapes[0]) - 1, out)]
+
+    def slice(self, layer, weights, keep_in, keep_out):
+        config, w = layer.get_config(), dict(weights)
+        w["kernel"] = w["kernel"][_idx(keep_in[0])][:, _idx(keep_out[0])]
+        if "bias" in w:
+            w["bias"] = w["bias"][_idx(keep_out[0])]
+        config["units"] = int(keep_out[0].sum())
+        return config, w
+
+    def zero(self, layer, weights, drop_in):
+        w = dict(weights)
+        kernel = w["kernel"].copy()
+        kernel[_idx(drop_in[0])] = 0
+        w["kernel"] = kernel
+        return w
+
+
+class RNNRule(LayerRule):
+    """SimpleRNN, GRU, LSTM read pruned input features; their units are kept."""
+
+    def propagate(self, ctx):
+        spec = _input_on_axis(ctx, len(ctx.shapes[0]) - 1, "RNN features are the last axis")
+        if spec is not None:
+            ctx.consumer(spec.atoms)
+        for extra in ctx.inputs[1:]:
+            if extra is not None:
+                ctx.block(extra.atoms, f"initial state of '{ctx.layer.name}'")
+        return ctx.unknown_outputs(f"recurrent units of '{ctx.layer.name}' are not pruned")
+
+    def slice(self, layer, weights, keep_in, keep_out):
+        w = dict(weights)
+        w["kernel"] = w["kernel"][_idx(keep_in[0])]
+        return layer.get_config(), w
+
+    def zero(self, layer, weights, drop_in):
+        w = dict(weights)
+        kernel = w["kernel"].copy()
+        kernel[_idx(drop_in[0])] = 0
+        w["kernel"] = kernel
+        return w
+
+
+# --------------------------------------------------------------------------
+# Per-channel parameters
+# --------------------------------------------------------------------------
+def _slice_vectors(weights, keep, names):
+    w = dict(weights)
+    for name in names:
+        if name in w and w[name].ndim == 1 and len(w[name]) == len(keep):
+            w[name] = w[name][_idx(keep)]
+    return w
+
+
+class BatchNormRule(LayerRule):
+    """BatchNormalization: gamma, beta, moving mean and variance per channel."""
+
+    VECTORS = ("gamma", "beta", "moving_mean", "moving_variance")
+
+    def propagate(self, ctx):
+        spec = ctx.inputs[0]
+        if spec is None:
+            return ctx.unknown_outputs(f"input of '{ctx.layer.name}' has unknown channels")
+        axis = norm_axis(int(ctx.layer.axis), len(ctx.shapes[0]))
+        if axis != spec.axis:
+            reason = f"'{ctx.layer.name}' normalises axis {axis}, not the channel axis {spec.axis}"
+            ctx.block(spec.atoms, reason)
+            return [spec]
+        ctx.param(spec.atoms)
+        return [spec]
+
+    def slice(self, layer, weights, keep_in, keep_out):
+        return layer.get_config(), _slice_vectors(weights, keep_in[0], self.VECTORS)
+
+
+class LayerNormRule(LayerRule):
+    """LayerNormalization: statistics over the channel axis forbid pruning it."""
+
+    def propagate(self, ctx):
+        spec = ctx.inputs[0]
+        if spec is None:
+            return ctx.unknown_outputs(f"input of '{ctx.layer.name}' has unknown channels")
+        rank = len(ctx.shapes[0])
+        axes = ctx.layer.axis if isinstance(ctx.layer.axis, (list, tuple)) else [ctx.layer.axis]
+        if spec.axis in [norm_axis(int(a), rank) for a in axes]:
+            ctx.block(spec.atoms, f"'{ctx.layer.name}' (LayerNormalization) computes its "
+                                  "statistics over the channels; removing one changes them all")
+        return [spec]
+
+
+class GroupNormRule(LayerRule):
+    """GroupNormalization: whole normalisation groups are removed together."""
+
+    def propagate(self, ctx):
+        layer, spec = ctx.layer, ctx.inputs[0]
+        if spec is None:
+            return ctx.unknown_outputs(f"input of '{layer.name}' has unknown channels")
+        if norm_axis(int(layer.axis), len(ctx.shapes[0])) != spec.axis:
+            ctx.block(spec.atoms, f"'{layer.name}' normalises another axis than the channels")
+            return [spec]
+        groups = spec.size if layer.groups == -1 else int(layer.groups)
+        per = spec.size // groups
+        for g in range(groups):
+            block = spec.atoms[g * per:(g + 1) * per]
+            ctx.tie(np.repeat(block[:1], per), block)
+        ctx.param(spec.atoms)
+        return [spec]
+
+    def slice(self, layer, weights, keep_in, keep_out):
+        config = layer.get_config()
+        keep = keep_in[0]
+        if config["groups"] != -1:
+            per = len(keep) // int(config["groups"])
+            config["groups"] = int(keep.sum()) // per
+        return config, _slice_vectors(weights, keep, ("gamma", "beta"))
+
+
+class PReLURule(LayerRule):
+    """PReLU: alpha has one entry per channel unless the channel axis is shared."""
+
+    def propagate(self, ctx):
+        spec = ctx.inputs[0]
+        if spec is None:
+            return ctx.unknown_outputs(f"input of '{ctx.layer.name}' has unknown channels")
+        if ctx.shapes[0][spec.axis] == spec.size:
+            ctx.param(spec.atoms)
+        return [spec]
+
+    def slice(self, layer, weights, keep_in, keep_out):
+        w = dict(weights)
+        alpha = w["alpha"]
+        # alpha has the input's shape without the batch axis.
+        ax = self._alpha_axis(layer, alpha, len(keep_in[0]))
+        if ax is not None:
+            w["alpha"] = np.take(alpha, _idx(keep_in[0]), axis=ax)
+        return layer.get_config(), w
+
+    @staticmethod
+    def _alpha_axis(layer, alpha, size):
+        shared = set(layer.shared_axes or [])
+        for ax in range(alpha.ndim - 1, -1, -1):
+            if alpha.shape[ax] == size and (ax + 1) not in shared:
+                return ax
+        return None
+
+
+class NormalizationRule(LayerRule):
+    """Normalization (preprocessing) adapted on the last axis."""
+
+    def propagate(self, ctx):
+        spec, layer = ctx.inputs[0], ctx.layer
+        if spec is None:
+            return ctx.unknown_outputs(f"input of '{layer.name}' has unknown channels")
+        rank = len(ctx.shapes[0])
+        axes = [norm_axis(int(a), rank) for a in (layer.axis or ())]
+        if axes == [spec.axis] and layer.input_mean is None:
+            ctx.param(spec.atoms)
+        else:
+            ctx.block(spec.atoms, f"'{layer.name}' (Normalization) cannot be sliced")
+        return [spec]
+
+    def slice(self, layer, weights, keep_in, keep_out):
+        return layer.get_config(), _slice_vectors(weights, keep_in[0], ("mean", "variance"))
+
+
+# --------------------------------------------------------------------------
+# Merges
+# --------------------------------------------------------------------------
+class MergeRule(LayerRule):
+    """Add, Subtract, Multiply, Average, Maximum, Minimum: inputs are one channel set.
+
+    An input whose channel axis has size 1 broadcasts and is not tied.
+    """
+
+    def propagate(self, ctx):
+        specs = ctx.inputs
+        reason = f"inputs of merge '{ctx.layer.name}' have different channel layouts"
+        if not specs or any(s is None for s in specs):
+            return self._refuse(ctx, reason)
+        from_end = [len(shape) - s.axis for s, shape in zip(specs, ctx.shapes)]
+        full = [i for i, s in enumerate(specs) if s.size > 1] or [0]
+        first = full[0]
+        for i in full[1:]:
+            if specs[i].size != specs[first].size or from_end[i] != from_end[first]:
+                return self._refuse(ctx, reason)
+        for i in full[1:]:
+            ctx.tie(specs[first].atoms, specs[i].atoms)
+        return [ChannelSpec(len(ctx.out_shapes[0]) - from_end[first], specs[first].atoms)]
+
+    @staticmethod
+    def _refuse(ctx, reason):
+        ctx.block_all(reason)
+        return ctx.unknown_outputs(reason)
+
+
+class ConcatenateRule(LayerRule):
+    """Concatenate: on the channel axis the output holds each input at an offset."""
+
+    def propagate(self, ctx):
+        specs = ctx.inputs
+        if any(s is None for s in specs):
+            return MergeRule().propagate(ctx)
+        rank = len(ctx.shapes[0])
+        axis = norm_axis(int(ctx.layer.axis), rank)
+        if all(s.axis == axis for s in specs):
+            return [ChannelSpec(axis, np.concatenate([s.atoms for s in specs]))]
+        return MergeRule().propagate(ctx)
+
+
+# --------------------------------------------------------------------------
+# Pass-through and reshaping
+# --------------------------------------------------------------------------
+class PassThroughRule(LayerRule):
+    """Element-wise or per-channel-independent layers (activations, dropout, ...)."""
+
+    def propagate(self, ctx):
+        spec = ctx.inputs[0] if ctx.inputs else None
+        if spec is None:
+            return ctx.unknown_outputs(f"input of '{ctx.layer.name}' has unknown channels")
+        return [spec for _ in ctx.out_shapes]
+
+
+class SpatialRule(PassThroughRule):
+    """Pooling, padding, cropping, upsampling: spatial only, with a data_format."""
+
+    def propagate(self, ctx):
+        spec = _input_on_axis(ctx, channel_axis(ctx.layer, len(ctx.shapes[0])), "data_format")
+        if spec is None:
+            return ctx.unknown_outputs(f"'{ctx.layer.name}' mixes the channel axis")
+        return [spec]
+
+
+class GlobalPoolRule(LayerRule):
+    """Global pooling: (B, *spatial, C) -> (B, C), or keeps dims."""
+
+    def propagate(self, ctx):
+        spec = _input_on_axis(ctx, channel_axis(ctx.layer, len(ctx.shapes[0])), "data_format")
+        if spec is None:
+            return ctx.unknown_outputs(f"'{ctx.layer.name}' pools over the channel axis")
+        axis = spec.axis if getattr(ctx.layer, "keepdims", False) else 1
+        return [ChannelSpec(axis, spec.atoms)]
+
+
+class SoftmaxRule(PassThroughRule):
+    """Softmax couples the channels when it runs over the channel axis."""
+
+    def propagate(self, ctx):
+        spec = ctx.inputs[0]
+        axes = ctx.layer.axis if isinstance(ctx.layer.axis, (list, tuple)) else [ctx.layer.axis]
+        if spec is not None and spec.axis in [norm_axis(a, len(ctx.shapes[0])) for a in axes]:
+            ctx.block(spec.atoms, f"'{ctx.layer.name}' (Softmax) normalises over the channels")
+        return super().propagate(ctx)
+
+
+class ActivationRule(PassThroughRule):
+    """Activation: element-wise, except softmax/log_softmax over the channels."""
+
+    def propagate(self, ctx):
+        name = getattr(ctx.layer.activation, "__name__", "")
+        spec = ctx.inputs[0]
+        if spec is not None and name in ("softmax", "log_softmax") \
+                and spec.axis == len(ctx.shapes[0]) - 1:
+            ctx.block(spec.atoms, f"'{ctx.layer.name}' ({name}) normalises over the channels")
+        return super().propagate(ctx)
+
+
+def _flat_positions(spec, shape, channels_first_order: bool) -> np.ndarray:
+    """Channel (atom index) of every element of `shape[1:]`, flattened row-major."""
+    dims = tuple(int(d) for d in shape[1:])
+    ax = spec.axis - 1
+    view = [1] * len(dims)
+    view[ax] = dims[ax]
+    grid = np.broadcast_to(np.arange(dims[ax]).reshape(view), dims)
+    if channels_first_order:  # Flatten(data_format="channels_first") moves channels last first
+        grid = np.moveaxis(grid, 0, -1)
+    return grid.reshape(-1)
+
+
+class FlattenRule(LayerRule):
+    """Flatten: the output position of element (s, c) is a row of the next Dense."""
+
+    def propagate(self, ctx):
+        spec, shape = ctx.inputs[0], ctx.shapes[0]
+        if spec is None or any(d is None for d in shape[1:]):
+            if spec is not None:
+                ctx.block(spec.atoms, f"'{ctx.layer.name}' flattens unknown spatial sizes")
+            return ctx.unknown_outputs(f"'{ctx.layer.name}' flattens unknown channels")
+        first = getattr(ctx.layer, "data_format", "channels_last") == "channels_first" and len(shape) > 2
+        positions = _flat_positions(spec, shape, first)
+        return [ChannelSpec(1, spec.atoms[positions])]
+
+    def slice(self, layer, weights, keep_in, keep_out):
+        return layer.get_config(), dict(weights)
+
+
+class ReshapeRule(LayerRule):
+    """Reshape that keeps the (last) channel axis whole, or flattens it."""
+
+    def propagate(self, ctx):
+        spec, shape = ctx.inputs[0], ctx.shapes[0]
+        target = tuple(ctx.out_shapes[0][1:])
+        if spec is not None and spec.axis == len(shape) - 1:
+            if len(target) > 1 and target[-1] == spec.size and None not in target:
+                return [ChannelSpec(len(target), spec.atoms)]
+            if len(target) == 1 and None not in shape[1:]:
+                return [ChannelSpec(1, spec.atoms[_flat_positions(spec, shape, False)])]
+        if spec is not None:
+            ctx.block(spec.atoms, f"'{ctx.layer.name}' reshapes across the channel axis")
+        return ctx.unknown_outputs(f"'{ctx.layer.name}' reshapes across the channel axis")
+
+    def slice(self, layer, weights, keep_in, keep_out):
+        config = layer.get_config()
+        target = list(config["target_shape"])
+        if len(target) == 1:
+            target[0] = int(keep_out[0].sum())
+        else:
+            target[-1] = int(keep_out[0].sum())
+        config["target_shape"] = tuple(target)
+        return config, dict(weights)
+
+
+def _register_defaults():
+    L = keras.layers
+    for cls in (L.Conv1D, L.Conv2D, L.Conv3D):
+        register_rule(cls, ConvRule())
+    for cls in (L.Conv1DTranspose, L.Conv2DTranspose, L.Conv3DTranspose):
+        register_rule(cls, ConvTransposeRule())
+    for cls in (L.DepthwiseConv1D, L.DepthwiseConv2D):
+        register_rule(cls, DepthwiseRule())
+    for cls in (L.SeparableConv1D, L.SeparableConv2D):
+        register_rule(cls, SeparableConvRule())
+    register_rule(L.Dense, DenseRule())
+    for cls in (L.SimpleRNN, L.GRU, L.LSTM):
+        register_rule(cls, RNNRule())
+    register_rule(L.BatchNormalization, BatchNormRule())
+    register_rule(L.LayerNormalization, LayerNormRule())
+    register_rule(L.GroupNormalization, GroupNormRule())
+    register_rule(L.PReLU, PReLURule())
+    register_rule(L.Normalization, NormalizationRule())
+    for cls in (L.Add, L.Subtract, L.Multiply, L.Average, L.Maximum, L.Minimum):
+        register_rule(cls, MergeRule())
+    from keras.src.ops import numpy as knp
+    for cls in (knp.Add, knp.Subtract, knp.Multiply, knp.Maximum, knp.Minimum):
+        register_rule(cls, MergeRule())
+    register_rule(L.Concatenate, ConcatenateRule())
+    for cls in (L.ReLU, L.LeakyReLU, L.ELU, L.Dropout, L.GaussianNoise, L.GaussianDropout,
+                L.AlphaDropout, L.ActivityRegularization, L.Identity):
+        register_rule(cls, PassThroughRule())
+    register_rule(L.Activation, ActivationRule())
+    register_rule(L.Softmax, SoftmaxRule())
+    for cls in (L.SpatialDropout1D, L.SpatialDropout2D, L.SpatialDropout3D,
+                L.MaxPooling1D, L.MaxPooling2D, L.MaxPooling3D,
+                L.AveragePooling1D, L.AveragePooling2D, L.AveragePooling3D,
+                L.ZeroPadding1D, L.ZeroPadding2D, L.ZeroPadding3D,
+                L.Cropping1D, L.Cropping2D, L.Cropping3D,
+                L.UpSampling1D, L.UpSampling2D, L.UpSampling3D):
+        register_rule(cls, SpatialRule())
+    for cls in (L.GlobalAveragePooling1D, L.GlobalAveragePooling2D, L.GlobalAveragePooling3D,
+                L.GlobalMaxPooling1D, L.GlobalMaxPooling2D, L.GlobalMaxPooling3D):
+        register_rule(cls, GlobalPoolRule())
+    register_rule(L.Flatten, FlattenRule())
+    register_rule(L.Reshape, ReshapeRule())
+
+
+_register_defaults()

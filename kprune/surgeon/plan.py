@@ -1,0 +1,153 @@
+"""Apply a pruning plan (group -> channels to drop) in one rebuild."""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import keras
+import numpy as np
+
+from kprune.errors import KprunError
+from kprune.graph.dependency import DependencyGraph
+from kprune.graph.rules import get_rule
+from kprune.surgeon.rebuild import Rebuilder, assign, clone_layer, copy_state, weights_of
+
+
+def _group_id(group) -> int:
+    return int(getattr(group, "id", group))
+
+
+def drop_masks(graph: DependencyGraph, plan: Mapping) -> dict:
+    """Validate `plan` and turn it into group id -> boolean drop mask.
+
+    Raises:
+        KprunError: unknown or blocked group, index out of range or repeated,
+            every channel of a group removed, uneven removal in a grouped conv.
+    """
+    masks = {}
+    for key, channels in plan.items():
+        gid = _group_id(key)
+        if not 0 <= gid < len(graph.groups):
+            raise KprunError(f"Group {gid} does not exist (the model has {len(graph.groups)}).")
+        group = graph.groups[gid]
+        where = _describe(group)
+        if not group.prunable:
+            raise KprunError(f"Group {gid} ({where}) cannot be pruned: {group.reason}.")
+        idx = np.asarray(list(channels), dtype=np.int64)
+        if len(idx) == 0:
+            continue
+        if idx.min() < 0 or idx.max() >= group.size:
+            raise KprunError(f"Channel index out of range for {where}: valid indices are "
+                             f"0..{group.size - 1}, got {sorted(idx.tolist())}.")
+        if len(np.unique(idx)) != len(idx):
+            raise KprunError(f"Repeated channel indices for {where}: {sorted(idx.tolist())}.")
+        if len(idx) >= group.size:
+            raise KprunError(f"Cannot remove every channel ({group.size}) of {where}.")
+        mask = np.zeros(group.size, dtype=bool)
+        mask[idx] = True
+        _check_even(group, mask, where)
+        masks[gid] = mask
+    return masks
+
+
+def _describe(group) -> str:
+    names = [m.name for m in group.producers] or group.layer_names()[:3]
+    return f"layer '{names[0]}'" + (f" and {len(names) - 1} coupled layers" if len(names) > 1 else "")
+
+
+def _check_even(group, mask, where):
+    for part in group.partitions:
+        counts = {int(p): int(mask[part == p].sum()) for p in np.unique(part[part >= 0])}
+        if len(set(counts.values())) > 1:
+            raise KprunError(
+                f"Channels of {where} feed a grouped convolution: remove the same number from "
+                f"each of its {len(counts)} groups (got {sorted(counts.values())})."
+            )
+
+
+def _masks_for(graph, tensors, drop):
+    return [graph.keep_mask(t, drop) for t in tensors]
+
+
+def apply_plan(model: keras.Model, plan: Mapping, graph: DependencyGraph | None = None) -> keras.Model:
+    """Remove the planned channels and return a new, smaller model.
+
+    Args:
+        model: A functional or Sequential Keras model (left untouched).
+        plan: Group (or group id) -> indices of the group's channels to remove.
+        graph: The model's `DependencyGraph`, if already built.
+
+    Returns:
+        A new model of plain Keras layers with exactly sliced weights.
+
+    Example:
+
+    >>> g = DependencyGraph(model)
+    >>> group = g.group_of("conv1")
+    >>> small = apply_plan(model, {group.id: [0, 3]})
+    """
+    graph = graph or DependencyGraph(model)
+    drop = drop_masks(graph, plan)
+
+    def make_call(call, args, kwargs):
+        keep_in = _masks_for(graph, call.inputs, drop)
+        keep_out = _masks_for(graph, call.outputs, drop)
+        changed = any(k is not None and not k.all() for k in keep_in + keep_out)
+        if not changed:
+            return rebuilder.copy_call(call, args, kwargs)
+        fresh = id(call.layer) not in rebuilder.layers
+        rule = get_rule(call.layer)
+        full_in = [k if k is not None else np.ones(0, bool) for k in keep_in]
+        full_out = [k if k is not None else np.ones(0, bool) for k in keep_out]
+        config, weights = rule.slice(call.layer, dict(weights_of(call.layer)), full_in, full_out)
+        layer = rebuilder.layer_for(call, lambda name: clone_layer(call.layer, config, name))
+        out = layer(*args, **kwargs)
+        if fresh and isinstance(layer, keras.layers.Layer):
+            assign(layer, weights)
+            if isinstance(layer, keras.layers.Normalization):
+                layer.finalize_state()
+        return out
+
+    rebuilder = Rebuilder(graph.flat, make_call)
+    return rebuilder.run()
+
+
+def zero_plan(model: keras.Model, plan: Mapping, graph: DependencyGraph | None = None) -> keras.Model:
+    """A copy of `model` whose consumers read the planned channels with zero weights.
+
+    The pruned model from `apply_plan(model, plan)` must compute exactly what this
+    model computes: it is the reference that tests and users compare against.
+
+    Args:
+        model: A functional or Sequential Keras model (left untouched).
+        plan: Group (or group id) -> indices of channels to silence.
+        graph: The model's `DependencyGraph`, if already built.
+
+    Returns:
+        A new model of the same architecture.
+    """
+    graph = graph or DependencyGraph(model)
+    drop = drop_masks(graph, plan)
+
+    def make_call(call, args, kwargs):
+        fresh = id(call.layer) not in rebuilder.layers
+        out = rebuilder.copy_call(call, args, kwargs)
+        keep_in = _masks_for(graph, call.inputs, drop)
+        if fresh and any(k is not None and not k.all() for k in keep_in):
+            drop_in = [~k if k is not None else np.zeros(0, bool) for k in keep_in]
+            weights = get_rule(call.layer).zero(call.layer, dict(weights_of(call.layer)), drop_in)
+            assign(rebuilder.layers[id(call.layer)], weights)
+        return out
+
+    rebuilder = Rebuilder(graph.flat, make_call)
+    return rebuilder.run()
+
+
+def copy_model(model: keras.Model) -> keras.Model:
+    """A weight-identical copy of `model` built from plain calls (nested models inlined)."""
+    from kprune.graph.walk import walk
+
+    return Rebuilder(walk(model)).run()
+
+
+__all__ = ["apply_plan", "zero_plan", "drop_masks", "copy_model", "copy_state"]
