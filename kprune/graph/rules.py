@@ -293,6 +293,28 @@ class DenseRule(LayerRule):
         return w
 
 
+class CompactorRule(LayerRule):
+    """kprune's Compactor: a (C, C) pointwise map on `layer.axis`, mask per output."""
+
+    def propagate(self, ctx):
+        layer = ctx.layer
+        rank = len(ctx.shapes[0])
+        spec = _input_on_axis(ctx, norm_axis(int(layer.axis), rank), "Compactor axis")
+        out = ctx.fresh(int(ctx.out_shapes[0][norm_axis(int(layer.axis), rank)]))
+        if spec is not None:
+            ctx.consumer(spec.atoms)
+        ctx.producer(out)
+        return [ChannelSpec(norm_axis(int(layer.axis), rank), out)]
+
+    def slice(self, layer, weights, keep_in, keep_out):
+        w = dict(weights)
+        w["kernel"] = w["kernel"][_idx(keep_in[0])][:, _idx(keep_out[0])]
+        w["mask"] = w["mask"][_idx(keep_out[0])]
+        return layer.get_config(), w
+
+    zero = DenseRule.zero
+
+
 class RNNRule(LayerRule):
     """SimpleRNN, GRU, LSTM read pruned input features; their units are kept."""
 

@@ -205,3 +205,12 @@ def _register_profile() -> None:
 
 
 _register_profile()
+
+
+def _register_graph_rule():
+    from kprune.graph.rules import CompactorRule, register_rule
+
+    register_rule(Compactor, CompactorRule())
+
+
+_register_graph_rule()

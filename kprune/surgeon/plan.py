@@ -93,7 +93,7 @@ def apply_plan(model: keras.Model, plan: Mapping, graph: DependencyGraph | None 
         keep_in = _masks_for(graph, call.inputs, drop)
         keep_out = _masks_for(graph, call.outputs, drop)
         changed = any(k is not None and not k.all() for k in keep_in + keep_out)
-        if not changed:
+        if not changed or not isinstance(call.layer, keras.layers.Layer):
             return rebuilder.copy_call(call, args, kwargs)
         fresh = id(call.layer) not in rebuilder.layers
         rule = get_rule(call.layer)
@@ -130,7 +130,7 @@ def zero_plan(model: keras.Model, plan: Mapping, graph: DependencyGraph | None =
     drop = drop_masks(graph, plan)
 
     def make_call(call, args, kwargs):
-        fresh = id(call.layer) not in rebuilder.layers
+        fresh = id(call.layer) not in rebuilder.layers and isinstance(call.layer, keras.layers.Layer)
         out = rebuilder.copy_call(call, args, kwargs)
         keep_in = _masks_for(graph, call.inputs, drop)
         if fresh and any(k is not None and not k.all() for k in keep_in):
