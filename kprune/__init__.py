@@ -3,3 +3,6 @@
 __version__ = "0.1.0"
 
 from kprune.errors import KprunError  # noqa: F401
+from kprune.graph import DependencyGraph, register_rule  # noqa: F401
+from kprune import surgeon  # noqa: F401
+from kprune.surgeon import apply_plan, delete_channels  # noqa: F401

@@ -237,10 +237,24 @@ def nested():
     return keras.Model(inp, head(x), name="nested")
 
 
+def elementwise_ops():
+    """keras.ops arithmetic on tensors (hard-swish), an adapted Normalization, PReLU."""
+    import numpy as np
+
+    inp = keras.Input((8, 8, 3))
+    norm = L.Normalization()
+    norm.adapt(np.random.default_rng(0).normal(size=(16, 8, 8, 3)).astype("float32"))
+    x = L.Conv2D(6, 3, padding="same")(norm(inp))
+    x = x * (L.ReLU(6.0)(x + 3.0) * (1.0 / 6.0))
+    x = L.PReLU()(x)
+    x = L.Conv2D(4, 1)(x)
+    return keras.Model(inp, L.Dense(3)(L.GlobalAveragePooling2D()(x)), name="elementwise_ops")
+
+
 FAMILIES = {
     f.__name__: f for f in (
         vgg, resnet_basic, resnet_bottleneck, preact_resnet, mobilenet_v2, densenet,
         squeeze_excite, resnext, xception, conv1d_net, conv3d_net, misc_2d,
-        channels_first_depthwise, sequential, nested,
+        channels_first_depthwise, sequential, nested, elementwise_ops,
     )
 }
