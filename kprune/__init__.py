@@ -6,3 +6,4 @@ from kprune.errors import KprunError  # noqa: F401
 from kprune.graph import DependencyGraph, register_rule  # noqa: F401
 from kprune import surgeon  # noqa: F401
 from kprune.surgeon import apply_plan, delete_channels  # noqa: F401
+from kprune import criteria  # noqa: F401

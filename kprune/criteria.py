@@ -1,0 +1,715 @@
+"""Channel importance criteria: one score per output channel, higher = more important.
+
+Each criterion is a small function usable on its own:
+
+* from weights, on one layer: `l1`, `l2`, `fpgm`, `orthogonality` (the layer's
+  filters), `bn_scale` (|gamma| of a normalisation layer) and `random`;
+* from data, on one layer's output: `taylor`, `apoz`, `mean_activation`.
+
+`group_scores` turns any of them into one score per channel of a dependency
+group (`kprune.graph.Group`): every member layer is scored, its positions are
+mapped onto the group's channels, each member's scores are divided by their
+maximum, and the members are reduced (mean by default). Data criteria look at
+the tensors the group's consumers read, that is at the channels as the next
+layers see them.
+
+Example:
+
+>>> model = keras.applications.MobileNetV2(weights=None, input_shape=(96, 96, 3))
+>>> l1(model.get_layer("Conv1")).shape
+(32,)
+>>> graph = kprune.graph.DependencyGraph(model)
+>>> group_scores(model, graph.group_of("Conv1"), "fpgm", graph=graph).shape
+(32,)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import keras
+import numpy as np
+
+from kprune.errors import KprunError
+from kprune.graph import DependencyGraph, walk
+
+# --------------------------------------------------------------------------
+# Filters of one layer
+# --------------------------------------------------------------------------
+_L = keras.layers
+_CONV = (_L.Conv1D, _L.Conv2D, _L.Conv3D)
+_TRANSPOSE = (_L.Conv1DTranspose, _L.Conv2DTranspose, _L.Conv3DTranspose)
+_DEPTHWISE = (_L.DepthwiseConv1D, _L.DepthwiseConv2D)
+_SEPARABLE = (_L.SeparableConv1D, _L.SeparableConv2D)
+
+
+def _numpy(variable) -> np.ndarray:
+    """A variable or eager tensor as a float64 numpy array."""
+    value = variable.numpy() if hasattr(variable, "numpy") else variable
+    return np.asarray(value, dtype=np.float64)
+
+
+def filters(layer: keras.layers.Layer) -> np.ndarray:
+    """The layer's filters as a matrix with one row per output channel.
+
+    Conv1D/2D/3D (grouped too) and Dense: kernel `(..., out)`; Conv*Transpose:
+    kernel `(..., out, in)`; DepthwiseConv: kernel `(..., in, multiplier)`, row
+    `c * multiplier + m`; SeparableConv: its pointwise kernel. The bias is not
+    part of a filter.
+
+    Args:
+        layer: A built layer of one of the kinds above (or a kprune Compactor).
+
+    Returns:
+        Array of shape `(output channels, weights per filter)`.
+
+    Raises:
+        KprunError: if the layer has no filters kprune knows how to read.
+
+    Example:
+
+    >>> filters(keras.layers.Dense(4, input_shape=(3,))).shape   # once built
+    (4, 3)
+    """
+    kernel = getattr(layer, "pointwise_kernel", None) if isinstance(layer, _SEPARABLE) else None
+    if kernel is None:
+        kernel = getattr(layer, "kernel", None)
+    if kernel is None or not layer.built:
+        raise KprunError(f"Layer '{layer.name}' ({type(layer).__name__}) has no built kernel "
+                         "to score filters on.")
+    if not _has_filters(layer):
+        raise KprunError(f"Layer '{layer.name}' ({type(layer).__name__}) is not a layer whose "
+                         "filters kprune can read (Conv*, Conv*Transpose, DepthwiseConv*, "
+                         "SeparableConv*, Dense, Compactor).")
+    w = _numpy(kernel)
+    if isinstance(layer, _TRANSPOSE):
+        w = np.moveaxis(w, -2, -1)
+    elif isinstance(layer, _DEPTHWISE):
+        w = w.reshape(w.shape[:-2] + (-1,))
+    return np.moveaxis(w, -1, 0).reshape(w.shape[-1], -1)
+
+
+def _has_filters(layer) -> bool:
+    return isinstance(layer, _CONV + _TRANSPOSE + _DEPTHWISE + _SEPARABLE + (_L.Dense,)) or (
+        type(layer).__name__ == "Compactor")
+
+
+# --------------------------------------------------------------------------
+# Weight criteria
+# --------------------------------------------------------------------------
+def l1(layer: keras.layers.Layer) -> np.ndarray:
+    """L1 norm of every filter (Li et al., 2017).
+
+    Args:
+        layer: A layer with filters (see `filters`).
+
+    Returns:
+        Array of shape `(output channels,)`.
+
+    Example:
+
+    >>> l1(model.get_layer("conv2d"))
+    """
+    return np.abs(filters(layer)).sum(axis=1)
+
+
+def l2(layer: keras.layers.Layer) -> np.ndarray:
+    """L2 norm of every filter.
+
+    Args:
+        layer: A layer with filters (see `filters`).
+
+    Returns:
+        Array of shape `(output channels,)`.
+
+    Example:
+
+    >>> l2(model.get_layer("conv2d"))
+    """
+    return np.sqrt((filters(layer) ** 2).sum(axis=1))
+
+
+def fpgm(layer: keras.layers.Layer) -> np.ndarray:
+    """Sum of Euclidean distances from each filter to all others (He et al., 2019).
+
+    Filters near the geometric median of the layer are the most replaceable and
+    score lowest.
+
+    Args:
+        layer: A layer with filters (see `filters`).
+
+    Returns:
+        Array of shape `(output channels,)`.
+
+    Example:
+
+    >>> fpgm(model.get_layer("conv2d"))
+    """
+    w = filters(layer)
+    diff = w[:, None, :] - w[None, :, :]
+    return np.sqrt((diff ** 2).sum(axis=-1)).sum(axis=1)
+
+
+def orthogonality(layer: keras.layers.Layer) -> np.ndarray:
+    """RePr's filter orthogonality (Prakash et al., 2019), as an importance.
+
+    With unit-norm filters `W` (one per row) and `P = |W W^T - I|`, a filter's
+    overlap is the mean of its row of `P` over the other filters; the score is
+    `1 - overlap`, in [0, 1] for every layer, so layers of different widths and
+    depths compare fairly. Filters correlated with many others score low.
+
+    Args:
+        layer: A layer with filters (see `filters`).
+
+    Returns:
+        Array of shape `(output channels,)`.
+
+    Example:
+
+    >>> orthogonality(model.get_layer("conv2d"))
+    """
+    w = filters(layer)
+    n = len(w)
+    if n < 2:
+        return np.ones(n)
+    norms = np.linalg.norm(w, axis=1, keepdims=True)
+    unit = w / np.where(norms > 0, norms, 1.0)
+    overlap = np.abs(unit @ unit.T - np.eye(n))
+    np.fill_diagonal(overlap, 0.0)
+    return 1.0 - overlap.sum(axis=1) / (n - 1)
+
+
+def bn_scale(layer: keras.layers.Layer) -> np.ndarray:
+    """|gamma| of a normalisation layer (Network Slimming, Liu et al., 2017).
+
+    Args:
+        layer: A built BatchNormalization (or another layer with a `gamma`).
+
+    Returns:
+        Array of shape `(channels,)`.
+
+    Raises:
+        KprunError: if the layer has no `gamma` (for example `scale=False`).
+
+    Example:
+
+    >>> bn_scale(model.get_layer("batch_normalization"))
+    """
+    gamma = getattr(layer, "gamma", None)
+    if gamma is None:
+        raise KprunError(f"Layer '{layer.name}' ({type(layer).__name__}) has no gamma "
+                         "(scale) weight for criterion 'bn_scale'.")
+    return np.abs(_numpy(gamma)).reshape(-1)
+
+
+def random(layer: keras.layers.Layer, seed: int | None = None) -> np.ndarray:
+    """Uniform random scores, one per output channel (a baseline).
+
+    Args:
+        layer: A layer with filters or a `gamma`.
+        seed: Seed of the random generator.
+
+    Returns:
+        Array of shape `(output channels,)` in [0, 1).
+
+    Example:
+
+    >>> random(model.get_layer("conv2d"), seed=0)
+    """
+    n = len(bn_scale(layer)) if not _has_filters(layer) else len(filters(layer))
+    return np.random.default_rng(seed).random(n)
+
+
+# --------------------------------------------------------------------------
+# Data criteria
+# --------------------------------------------------------------------------
+@dataclasses.dataclass
+class _View:
+    """A tensor to observe: its channel axis and the channel of each position."""
+
+    tensor: object
+    axis: int
+    index: np.ndarray
+    size: int
+
+
+class _Stat:
+    """Accumulates one statistic per channel of a view over batches."""
+
+    def __init__(self, view: _View, kind: str):
+        self.view, self.kind = view, kind
+        self.total = np.zeros(view.size)
+        self.count = 0
+
+    def add(self, value: np.ndarray, grad: np.ndarray | None = None) -> None:
+        a = _positions_last(value, self.view.axis)  # (N, S, P)
+        if self.kind == "taylor":
+            per_sample = (a * _positions_last(grad, self.view.axis)).sum(axis=1)
+            self.total += np.abs(_to_channels(per_sample, self.view, "sum")).sum(axis=0)
+            self.count += a.shape[0]
+            return
+        stat = (a == 0) if self.kind == "apoz" else np.abs(a)
+        self.total += _to_channels(stat.sum(axis=(0, 1))[None], self.view, "mean")[0]
+        self.count += a.shape[0] * a.shape[1]
+
+    def result(self) -> np.ndarray:
+        value = self.total / max(self.count, 1)
+        return 1.0 - value if self.kind == "apoz" else value
+
+
+def _positions_last(value, axis: int) -> np.ndarray:
+    a = np.moveaxis(np.asarray(value, dtype=np.float64), axis, -1)
+    return a.reshape(a.shape[0], -1, a.shape[-1])
+
+
+def _to_channels(values: np.ndarray, view: _View, how: str) -> np.ndarray:
+    """(N, positions) -> (N, channels): sum or mean of the positions of each channel."""
+    valid = view.index >= 0
+    onehot = np.zeros((len(view.index), view.size))
+    onehot[np.flatnonzero(valid), view.index[valid]] = 1.0
+    if how == "mean":
+        onehot /= np.maximum(onehot.sum(axis=0, keepdims=True), 1.0)
+    return values @ onehot
+
+
+def _batches(data, batch_size: int):
+    """Yield (x, y) batches from arrays `x`, a tuple `(x, y)` or an iterable of batches.
+
+    A list of tuples (or any other iterable, such as a `tf.data.Dataset`) is
+    taken as batches `(x, y)` or `(x,)`; a list of arrays as the inputs of a
+    multi-input model.
+    """
+    if data is None:
+        raise KprunError("This criterion needs `data`: an array of inputs, a tuple (x, y) "
+                         "or a dataset of such batches.")
+    if isinstance(data, tuple) and len(data) == 2:
+        x, y = data
+    elif isinstance(data, (np.ndarray, dict)) or keras.ops.is_tensor(data) or (
+            isinstance(data, list) and not all(isinstance(b, tuple) for b in data)):
+        x, y = data, None  # a list of arrays is the inputs of a multi-input model
+    else:
+        for batch in data:
+            if isinstance(batch, tuple):
+                yield batch[0], (batch[1] if len(batch) > 1 else None)
+            else:
+                yield batch, None
+        return
+    n = len(keras.tree.flatten(x)[0])
+    for start in range(0, n, batch_size):
+        cut = slice(start, start + batch_size)
+        yield (keras.tree.map_structure(lambda a: a[cut], x),
+               None if y is None else keras.tree.map_structure(lambda a: a[cut], y))
+
+
+def _probe(flat, tensors: list, model: keras.Model) -> keras.Model:
+    """A model from the inputs to `tensors` followed by the model's outputs."""
+    wanted = list(tensors) + list(flat.outputs)
+    inputs = list(flat.inputs)
+    if any(isinstance(layer, keras.Model) for layer in model.layers):
+        # Tensors inside a nested model belong to its own graph: rebuild flat.
+        from kprune.surgeon.rebuild import Rebuilder
+
+        rebuilder = Rebuilder(flat)
+        rebuilder.run()
+        wanted = [rebuilder.tensors[id(t)] for t in wanted]
+        inputs = [rebuilder.tensors[id(t)] for t in inputs]
+    return keras.Model(inputs[0] if len(inputs) == 1 else inputs, wanted)
+
+
+def _resolve_loss(model, loss) -> Callable:
+    loss = loss if loss is not None else getattr(model, "loss", None)
+    if loss is None:
+        raise KprunError(f"Criterion 'taylor' needs the loss of model '{model.name}': pass "
+                         "`loss=` or compile the model with one.")
+    if isinstance(loss, (dict, list, tuple)):
+        raise KprunError(f"Criterion 'taylor' needs one loss callable for model "
+                         f"'{model.name}', got {type(loss).__name__}; pass `loss=`.")
+    return keras.losses.get(loss) if isinstance(loss, str) else loss
+
+
+def _observe(model, flat, views: list, kind: str, data, loss=None,
+             batch_size: int = 32) -> list:
+    """Per-channel statistic `kind` ('taylor', 'apoz', 'mean') of every view."""
+    if not views:
+        return []
+    probe = _probe(flat, [v.tensor for v in views], model)
+    stats = [_Stat(v, kind) for v in views]
+    loss_fn = _resolve_loss(model, loss) if kind == "taylor" else None
+    seen = False
+    for x, y in _batches(data, batch_size):
+        seen = True
+        if kind == "taylor":
+            values, grads = _taylor_batch(probe, len(views), x, y, loss_fn, model)
+        else:
+            values, grads = probe(x, training=False)[:len(views)], [None] * len(views)
+        for stat, value, grad in zip(stats, values, grads):
+            stat.add(_numpy(value), None if grad is None else _numpy(grad))
+    if not seen:
+        raise KprunError(f"The data given to score model '{model.name}' holds no batch.")
+    return [s.result() for s in stats]
+
+
+def _taylor_batch(probe, n_views, x, y, loss_fn, model):
+    import tensorflow as tf
+
+    if y is None:
+        raise KprunError(f"Criterion 'taylor' needs targets: pass data=(x, y) for model "
+                         f"'{model.name}'.")
+    with tf.GradientTape() as tape:
+        outs = probe(x, training=False)
+        acts, preds = outs[:n_views], outs[n_views:]
+        value = loss_fn(y, preds[0] if len(preds) == 1 else preds)
+        batch = tf.cast(tf.shape(keras.tree.flatten(x)[0])[0], value.dtype)
+        total = value * batch if value.shape.rank == 0 else tf.reduce_sum(value)
+    grads = tape.gradient(total, acts)
+    return acts, [g if g is not None else tf.zeros_like(a) for a, g in zip(acts, grads)]
+
+
+def _layer_view(model, layer) -> tuple:
+    flat = walk(model)
+    name = layer if isinstance(layer, str) else layer.name
+    for call in flat.calls:
+        if call.layer is layer or call.layer.name == name:
+            out = call.outputs[0]
+            rank = len(out.shape)
+            axis = 1 if getattr(call.layer, "data_format", None) == "channels_first" and rank > 2 \
+                else rank - 1
+            size = int(out.shape[axis])
+            return flat, _View(out, axis, np.arange(size), size)
+    raise KprunError(f"Layer '{name}' is not a layer of model '{model.name}'.")
+
+
+def taylor(model: keras.Model, layer, data, loss=None, batch_size: int = 32) -> np.ndarray:
+    """First-order Taylor importance of a layer's output channels (Molchanov et al., 2017).
+
+    For every sample, the product activation x d(loss)/d(activation) is summed
+    over the spatial positions of a channel; its absolute value is averaged
+    over the samples. The loss is taken per sample (not divided by the batch
+    size), so scores do not depend on how `data` is batched.
+
+    Args:
+        model: The model (functional or Sequential).
+        layer: The layer (or its name) whose output is scored.
+        data: `(x, y)` arrays, or an iterable of `(x, y)` batches.
+        loss: A Keras loss (name, object or function); defaults to the
+            compiled model's loss.
+        batch_size: Batch size when `data` holds arrays.
+
+    Returns:
+        Array of shape `(output channels,)`.
+
+    Example:
+
+    >>> taylor(model, "conv2d", (x, y), loss="sparse_categorical_crossentropy")
+    """
+    flat, view = _layer_view(model, layer)
+    return _observe(model, flat, [view], "taylor", data, loss, batch_size)[0]
+
+
+def apoz(model: keras.Model, layer, data, batch_size: int = 32) -> np.ndarray:
+    """One minus the Average Percentage of Zeros of a layer's output (Hu et al., 2016).
+
+    Args:
+        model: The model (functional or Sequential).
+        layer: The layer (or its name) whose output is scored; a ReLU (or a
+            layer with a ReLU activation) gives the meaningful zeros.
+        data: Input arrays, `(x, y)`, or an iterable of batches.
+        batch_size: Batch size when `data` holds arrays.
+
+    Returns:
+        Array of shape `(output channels,)`: the share of non-zero activations.
+
+    Example:
+
+    >>> apoz(model, "re_lu", x)
+    """
+    flat, view = _layer_view(model, layer)
+    return _observe(model, flat, [view], "apoz", data, None, batch_size)[0]
+
+
+def mean_activation(model: keras.Model, layer, data, batch_size: int = 32) -> np.ndarray:
+    """Mean absolute activation of each output channel over samples and positions.
+
+    After a ReLU this is the plain mean activation of Molchanov et al. (2017).
+
+    Args:
+        model: The model (functional or Sequential).
+        layer: The layer (or its name) whose output is scored.
+        data: Input arrays, `(x, y)`, or an iterable of batches.
+        batch_size: Batch size when `data` holds arrays.
+
+    Returns:
+        Array of shape `(output channels,)`.
+
+    Example:
+
+    >>> mean_activation(model, "re_lu", x)
+    """
+    flat, view = _layer_view(model, layer)
+    return _observe(model, flat, [view], "mean", data, None, batch_size)[0]
+
+
+# --------------------------------------------------------------------------
+# Registry
+# --------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Criterion:
+    """A named criterion.
+
+    Attributes:
+        name: Registry name.
+        kind: 'filters' (scores the filters of producers and depthwise
+            layers), 'gamma' (scores normalisation layers), 'data' (scores
+            activations: `stat` is 'taylor', 'apoz' or 'mean') or 'random'.
+        fn: The per-layer function (`fn(layer)` for 'filters' and 'gamma').
+        stat: The activation statistic of a 'data' criterion.
+    """
+
+    name: str
+    kind: str
+    fn: Callable
+    stat: str | None = None
+
+    @property
+    def needs_data(self) -> bool:
+        return self.kind == "data"
+
+
+_CRITERIA: dict = {}
+
+
+def register_criterion(name: str, fn: Callable, kind: str = "filters") -> None:
+    """Add a per-layer weight criterion to the registry.
+
+    Args:
+        name: The name `prune(..., criterion=name)` will accept.
+        fn: `fn(layer) -> np.ndarray` of one score per output channel.
+        kind: 'filters' (called on producers and depthwise layers) or 'gamma'
+            (called on the normalisation layers of a group).
+
+    Example:
+
+    >>> register_criterion("linf", lambda layer: np.abs(filters(layer)).max(axis=1))
+    """
+    if kind not in ("filters", "gamma"):
+        raise KprunError(f"Criterion kind must be 'filters' or 'gamma', got {kind!r}.")
+    _CRITERIA[name] = Criterion(name, kind, fn)
+
+
+for _name, _fn in (("l1", l1), ("l2", l2), ("fpgm", fpgm), ("orthogonality", orthogonality)):
+    register_criterion(_name, _fn)
+register_criterion("bn_scale", bn_scale, kind="gamma")
+_CRITERIA["random"] = Criterion("random", "random", random)
+_CRITERIA["taylor"] = Criterion("taylor", "data", taylor, "taylor")
+_CRITERIA["apoz"] = Criterion("apoz", "data", apoz, "apoz")
+_CRITERIA["mean_activation"] = Criterion("mean_activation", "data", mean_activation, "mean")
+
+
+def get_criterion(name) -> Criterion:
+    """The registered criterion called `name` (a `Criterion` passes through).
+
+    Raises:
+        KprunError: for an unknown name; the message lists the valid ones.
+
+    Example:
+
+    >>> get_criterion("fpgm").kind
+    'filters'
+    """
+    if isinstance(name, Criterion):
+        return name
+    if not isinstance(name, str) or name not in _CRITERIA:
+        raise KprunError(f"Unknown criterion {name!r}; valid criteria: "
+                         f"{', '.join(sorted(_CRITERIA))}.")
+    return _CRITERIA[name]
+
+
+def available_criteria() -> list:
+    """Names of every registered criterion."""
+    return sorted(_CRITERIA)
+
+
+# --------------------------------------------------------------------------
+# Group scores
+# --------------------------------------------------------------------------
+_REDUCERS = {
+    "mean": np.nanmean,
+    "sum": np.nansum,
+    "max": np.nanmax,
+    "min": np.nanmin,
+    "prod": np.nanprod,
+}
+
+
+class NotApplicable(KprunError):
+    """The criterion has nothing to score in a group (e.g. bn_scale without a BN)."""
+
+
+def _onto_group(scores: np.ndarray, index: np.ndarray, size: int, owner: str) -> np.ndarray:
+    """Per-position scores -> per-group-channel scores (mean of positions; NaN if none)."""
+    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+    if len(scores) != len(index):
+        raise KprunError(f"Layer '{owner}': {len(scores)} scores for {len(index)} channel "
+                         "positions.")
+    valid = index >= 0
+    sums = np.bincount(index[valid], weights=scores[valid], minlength=size)
+    counts = np.bincount(index[valid], minlength=size)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
+
+
+def _normalise(scores: np.ndarray) -> np.ndarray:
+    top = np.nanmax(np.abs(scores)) if np.isfinite(scores).any() else 0.0
+    return scores / top if top > 0 else scores
+
+
+def _reduce(rows: list, reduce: str, size: int) -> np.ndarray:
+    if reduce not in _REDUCERS:
+        raise KprunError(f"Unknown reduce {reduce!r}; valid: {', '.join(_REDUCERS)}.")
+    stacked = np.stack([_normalise(r) for r in rows])
+    covered = ~np.isnan(stacked).all(axis=0)
+    out = np.zeros(size)
+    out[covered] = _REDUCERS[reduce](stacked[:, covered], axis=0)
+    if not covered.all():  # a channel no member scores ranks with the least important
+        out[~covered] = out[covered].min() if covered.any() else 0.0
+    return out
+
+
+def _weight_rows(group, crit: Criterion) -> list:
+    if crit.kind == "gamma":
+        members = [m for m in group.params if getattr(m.layer, "gamma", None) is not None]
+    else:
+        members = [m for m in group.producers if _has_filters(m.layer)]
+        members += [m for m in group.params if isinstance(m.layer, _DEPTHWISE)]
+    seen, rows = set(), []
+    for m in members:
+        key = (id(m.layer), m.kind)
+        if key in seen:
+            continue
+        seen.add(key)
+        rows.append(_onto_group(crit.fn(m.layer), m.index, group.size, m.name))
+    return rows
+
+
+def _group_views(graph: DependencyGraph, group) -> list:
+    """Views of the tensors the group's consumers read (or, if none, the outputs)."""
+    readers = {id(m.layer) for m in group.consumers}
+    tensors = []
+    for call in graph.flat.calls:
+        if id(call.layer) in readers:
+            tensors += call.inputs
+    if not tensors:
+        tensors = list(graph.flat.outputs)
+    views, seen = [], set()
+    for t in tensors:
+        spec = graph.specs.get(id(t))
+        if spec is None or id(t) in seen:
+            continue
+        groups = graph.atom_group[spec.atoms]
+        if not (groups == group.id).any():
+            continue
+        seen.add(id(t))
+        index = np.where(groups == group.id, graph.atom_channel[spec.atoms], -1)
+        views.append(_View(t, spec.axis, index, group.size))
+    return views
+
+
+def score_groups(model: keras.Model, groups=None, criterion="l1", reduce: str = "mean",
+                 data=None, loss=None, seed: int | None = None,
+                 graph: DependencyGraph | None = None, batch_size: int = 32) -> dict:
+    """Scores of many groups at once (one pass over `data` for data criteria).
+
+    Args:
+        model: The model the groups belong to.
+        groups: Groups (or group ids) of `graph`; default: its prunable groups.
+        criterion, reduce, data, loss, seed, batch_size: As in `group_scores`.
+        graph: The model's `DependencyGraph`, if already built.
+
+    Returns:
+        `{group id: scores}` for every group the criterion applies to; groups
+        with nothing to score (for example `bn_scale` on a group without a
+        BatchNormalization) are left out.
+
+    Example:
+
+    >>> scores = score_groups(model, criterion="l2")
+    """
+    crit = get_criterion(criterion)
+    graph = graph or DependencyGraph(model)
+    if groups is None:
+        groups = graph.prunable_groups()
+    groups = [graph.groups[int(getattr(g, "id", g))] for g in groups]
+    if reduce not in _REDUCERS:
+        raise KprunError(f"Unknown reduce {reduce!r}; valid: {', '.join(_REDUCERS)}.")
+    if crit.kind == "random":
+        return {g.id: np.random.default_rng(None if seed is None else [seed, g.id]).random(g.size)
+                for g in groups}
+    if crit.kind != "data":
+        out = {}
+        for g in groups:
+            rows = _weight_rows(g, crit)
+            if rows:
+                out[g.id] = _reduce(rows, reduce, g.size)
+        return out
+    views = {g.id: _group_views(graph, g) for g in groups}
+    flat_views = [v for g in groups for v in views[g.id]]
+    results = iter(_observe(model, graph.flat, flat_views, crit.stat, data, loss, batch_size))
+    out = {}
+    for g in groups:
+        rows = [next(results) for _ in views[g.id]]
+        if rows:
+            out[g.id] = _reduce(rows, reduce, g.size)
+    return out
+
+
+def group_scores(model: keras.Model, group, criterion="l1", reduce: str = "mean", data=None,
+                 loss=None, seed: int | None = None, graph: DependencyGraph | None = None,
+                 batch_size: int = 32) -> np.ndarray:
+    """One importance score per channel of a dependency group.
+
+    Every member layer is scored (the filters of producers and depthwise
+    layers for weight criteria, normalisation layers for `bn_scale`, the
+    tensors the consumers read for data criteria), positions are mapped to
+    group channels with `member.index` (positions sharing a channel are
+    averaged), each member's scores are divided by their maximum, and members
+    are reduced with `reduce`.
+
+    Args:
+        model: The model.
+        group: A `Group` of the model's `DependencyGraph` (or its id).
+        criterion: A registered criterion name (see `available_criteria()`).
+        reduce: 'mean', 'sum', 'max', 'min' or 'prod' over members.
+        data: Inputs for data criteria: arrays, `(x, y)`, or batches.
+        loss: Loss for 'taylor' (default: the compiled model's).
+        seed: Seed for 'random'.
+        graph: The model's `DependencyGraph`, if already built.
+        batch_size: Batch size when `data` holds arrays.
+
+    Returns:
+        Array of shape `(group.size,)`, higher = more important.
+
+    Raises:
+        KprunError: unknown criterion or reduce, missing data or loss, or a
+            group with nothing to score for this criterion.
+
+    Example:
+
+    >>> g = DependencyGraph(model)
+    >>> group_scores(model, g.group_of("conv2d"), "l1", graph=g)
+    """
+    graph = graph or DependencyGraph(model)
+    gid = int(getattr(group, "id", group))
+    out = score_groups(model, [gid], criterion, reduce, data, loss, seed, graph, batch_size)
+    if gid not in out:
+        names = ", ".join(graph.groups[gid].layer_names()[:3])
+        raise NotApplicable(f"Criterion {get_criterion(criterion).name!r} has nothing to score "
+                            f"in the group of layers {names}.")
+    return out[gid]
+
+
+__all__ = [
+    "Criterion", "NotApplicable", "apoz", "available_criteria", "bn_scale", "filters", "fpgm",
+    "get_criterion", "group_scores", "l1", "l2", "mean_activation", "orthogonality", "random",
+    "register_criterion", "score_groups", "taylor",
+]
