@@ -78,7 +78,7 @@ def filters(layer: keras.layers.Layer) -> np.ndarray:
     if kernel is None or not layer.built:
         raise KprunError(f"Layer '{layer.name}' ({type(layer).__name__}) has no built kernel "
                          "to score filters on.")
-    if not _has_filters(layer):
+    if not has_filters(layer):
         raise KprunError(f"Layer '{layer.name}' ({type(layer).__name__}) is not a layer whose "
                          "filters kprune can read (Conv*, Conv*Transpose, DepthwiseConv*, "
                          "SeparableConv*, Dense, Compactor).")
@@ -90,7 +90,8 @@ def filters(layer: keras.layers.Layer) -> np.ndarray:
     return np.moveaxis(w, -1, 0).reshape(w.shape[-1], -1)
 
 
-def _has_filters(layer) -> bool:
+def has_filters(layer) -> bool:
+    """Whether `filters(layer)` can read the layer."""
     return isinstance(layer, _CONV + _TRANSPOSE + _DEPTHWISE + _SEPARABLE + (_L.Dense,)) or (
         type(layer).__name__ == "Compactor")
 
@@ -217,7 +218,7 @@ def random(layer: keras.layers.Layer, seed: int | None = None) -> np.ndarray:
 
     >>> random(model.get_layer("conv2d"), seed=0)
     """
-    n = len(bn_scale(layer)) if not _has_filters(layer) else len(filters(layer))
+    n = len(bn_scale(layer)) if not has_filters(layer) else len(filters(layer))
     return np.random.default_rng(seed).random(n)
 
 
@@ -533,7 +534,7 @@ def available_criteria() -> list:
 # --------------------------------------------------------------------------
 # Group scores
 # --------------------------------------------------------------------------
-_REDUCERS = {
+REDUCERS = {
     "mean": np.nanmean,
     "sum": np.nansum,
     "max": np.nanmax,
@@ -565,12 +566,12 @@ def _normalise(scores: np.ndarray) -> np.ndarray:
 
 
 def _reduce(rows: list, reduce: str, size: int) -> np.ndarray:
-    if reduce not in _REDUCERS:
-        raise KprunError(f"Unknown reduce {reduce!r}; valid: {', '.join(_REDUCERS)}.")
+    if reduce not in REDUCERS:
+        raise KprunError(f"Unknown reduce {reduce!r}; valid: {', '.join(REDUCERS)}.")
     stacked = np.stack([_normalise(r) for r in rows])
     covered = ~np.isnan(stacked).all(axis=0)
     out = np.zeros(size)
-    out[covered] = _REDUCERS[reduce](stacked[:, covered], axis=0)
+    out[covered] = REDUCERS[reduce](stacked[:, covered], axis=0)
     if not covered.all():  # a channel no member scores ranks with the least important
         out[~covered] = out[covered].min() if covered.any() else 0.0
     return out
@@ -580,7 +581,7 @@ def _weight_rows(group, crit: Criterion) -> list:
     if crit.kind == "gamma":
         members = [m for m in group.params if getattr(m.layer, "gamma", None) is not None]
     else:
-        members = [m for m in group.producers if _has_filters(m.layer)]
+        members = [m for m in group.producers if has_filters(m.layer)]
         members += [m for m in group.params if isinstance(m.layer, _DEPTHWISE)]
     seen, rows = set(), []
     for m in members:
@@ -640,8 +641,8 @@ def score_groups(model: keras.Model, groups=None, criterion="l1", reduce: str = 
     if groups is None:
         groups = graph.prunable_groups()
     groups = [graph.groups[int(getattr(g, "id", g))] for g in groups]
-    if reduce not in _REDUCERS:
-        raise KprunError(f"Unknown reduce {reduce!r}; valid: {', '.join(_REDUCERS)}.")
+    if reduce not in REDUCERS:
+        raise KprunError(f"Unknown reduce {reduce!r}; valid: {', '.join(REDUCERS)}.")
     if crit.kind == "random":
         return {g.id: np.random.default_rng(None if seed is None else [seed, g.id]).random(g.size)
                 for g in groups}

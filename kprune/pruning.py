@@ -1,0 +1,344 @@
+"""One-shot pruning: score channels, choose the weakest, remove them for real.
+
+Example:
+
+>>> small = kprune.prune(model, flops_target=0.5, criterion="l1")
+>>> kprune.profile(small).macs <= 0.5 * kprune.profile(model).macs
+True
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Mapping, Sequence
+
+import keras
+import numpy as np
+
+from kprune import criteria as _criteria
+from kprune import pruners
+from kprune.errors import KprunError
+from kprune.graph import DependencyGraph
+from kprune.surgeon import apply_plan, copy_model
+
+_SCOPES = ("local", "global")
+_CONFIG_KEYS = {"op_types", "op_names", "op_partial_names", "sparsity", "sparsity_per_layer",
+                "exclude"}
+
+
+# --------------------------------------------------------------------------
+# Validation
+# --------------------------------------------------------------------------
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
+
+
+def _check_target(ratio, flops_target, config_list) -> None:
+    given = [n for n, v in (("ratio", ratio), ("flops_target", flops_target),
+                            ("config_list", config_list)) if v is not None]
+    if len(given) != 1:
+        raise KprunError("Give exactly one of `ratio`, `flops_target` or `config_list`"
+                         + (f"; got {', '.join(given)}." if given else "; got none."))
+    if ratio is not None and not (_is_number(ratio) and 0.0 <= ratio < 1.0):
+        raise KprunError(f"`ratio` is the share of channels to remove, in [0, 1); got {ratio!r}.")
+    if flops_target is not None and not (_is_number(flops_target) and 0.0 < flops_target <= 1.0):
+        raise KprunError(f"`flops_target` is the share of the original MACs to keep, in (0, 1]; "
+                         f"got {flops_target!r}.")
+
+
+def _check_exclude_names(model, graph, entries) -> None:
+    names = {c.layer.name for c in graph.flat.calls}
+    classes = {type(c.layer).__name__ for c in graph.flat.calls}
+    for entry in entries:
+        if isinstance(entry, str) and entry not in names and entry not in classes:
+            raise KprunError(f"`exclude` entry '{entry}' is neither a layer name nor a layer "
+                             f"class of model '{model.name}'.")
+
+
+@dataclasses.dataclass
+class _Config:
+    op_types: tuple
+    op_names: tuple
+    op_partial_names: tuple
+    sparsity: float
+    exclude: bool
+
+    def matches(self, layer) -> bool:
+        checks = []
+        if self.op_types:
+            checks.append(any(_type_matches(layer, t) for t in self.op_types))
+        if self.op_names:
+            checks.append(layer.name in self.op_names)
+        if self.op_partial_names:
+            checks.append(any(p in layer.name for p in self.op_partial_names))
+        return bool(checks) and all(checks)
+
+
+def _type_matches(layer, op_type) -> bool:
+    if isinstance(op_type, type):
+        return isinstance(layer, op_type)
+    if op_type == "default":  # NNI's default: every layer with filters
+        return _criteria.has_filters(layer)
+    return type(layer).__name__ == op_type
+
+
+def _as_tuple(value, key, i) -> tuple:
+    if value is None:
+        return ()
+    if isinstance(value, (str, type)):
+        return (value,)
+    if not isinstance(value, (list, tuple)):
+        raise KprunError(f"config_list[{i}]['{key}'] must be a list, got {value!r}.")
+    return tuple(value)
+
+
+def parse_config_list(config_list: Sequence) -> list:
+    """Validate an NNI-style config list.
+
+    Each entry is a dict with `op_types` (class names or classes; 'default'
+    means every layer with filters), `op_names` and/or `op_partial_names`
+    selecting layers, and either `sparsity` (alias `sparsity_per_layer`, the
+    share of channels to drop, in [0, 1)) or `exclude: True`.
+
+    Raises:
+        KprunError: for a malformed entry; the message names it.
+    """
+    if not isinstance(config_list, (list, tuple)) or not config_list:
+        raise KprunError(f"`config_list` must be a non-empty list of dicts, got {config_list!r}.")
+    out = []
+    for i, cfg in enumerate(config_list):
+        if not isinstance(cfg, Mapping):
+            raise KprunError(f"config_list[{i}] must be a dict, got {cfg!r}.")
+        unknown = set(cfg) - _CONFIG_KEYS
+        if unknown:
+            raise KprunError(f"config_list[{i}] has unknown keys {sorted(unknown)}; valid keys: "
+                             f"{sorted(_CONFIG_KEYS)}.")
+        sel = {k: _as_tuple(cfg.get(k), k, i) for k in ("op_types", "op_names", "op_partial_names")}
+        if not any(sel.values()):
+            raise KprunError(f"config_list[{i}] selects no layer: give op_types, op_names or "
+                             "op_partial_names.")
+        exclude = bool(cfg.get("exclude", False))
+        sparsity = cfg.get("sparsity", cfg.get("sparsity_per_layer"))
+        if not exclude and not (_is_number(sparsity) and 0.0 <= sparsity < 1.0):
+            raise KprunError(f"config_list[{i}] needs a 'sparsity' in [0, 1) (or 'exclude': "
+                             f"True); got {sparsity!r}.")
+        out.append(_Config(sel["op_types"], sel["op_names"], sel["op_partial_names"],
+                           float(sparsity or 0.0), exclude))
+    return out
+
+
+def config_ratios(groups, configs: list) -> dict:
+    """`{group id: sparsity}`: each group takes the first config matching a producer.
+
+    Groups whose first match is an `exclude` config, or that match nothing,
+    are left out (not pruned).
+    """
+    ratios = {}
+    for g in groups:
+        for cfg in configs:
+            if any(cfg.matches(m.layer) for m in g.producers):
+                if not cfg.exclude:
+                    ratios[g.id] = cfg.sparsity
+                break
+    return ratios
+
+
+# --------------------------------------------------------------------------
+# Search for a FLOPs target
+# --------------------------------------------------------------------------
+def _macs(model) -> float:
+    from kprune.profile import profile
+
+    return float(profile(model).macs)
+
+
+class _Trials:
+    """Plans tried during the search, each pruned and measured once."""
+
+    def __init__(self, model, graph):
+        self.model, self.graph = model, graph
+        self.cache: dict = {}
+
+    def measure(self, plan: dict):
+        key = tuple(sorted((gid, tuple(ch)) for gid, ch in plan.items()))
+        if key not in self.cache:
+            small = apply_plan(self.model, plan, self.graph) if plan else copy_model(self.model)
+            self.cache[key] = (_macs(small), small)
+        return self.cache[key]
+
+
+def _candidates(groups, scope: str, max_ratio: float) -> list:
+    """Every ratio at which the plan can change, ascending (0 first)."""
+    if scope == "global":
+        total = sum(g.size for g in groups)
+        return [k / total for k in range(int(math.floor(max_ratio * total)) + 1)] if total else [0.0]
+    points = {0.0}
+    for g in groups:
+        points.update((k + 0.5) / g.size for k in range(g.size) if (k + 0.5) / g.size < 1.0)
+    return sorted(points)
+
+
+def _search(model, graph, groups, scores, flops_target, scope, guards, verbose):
+    """The smallest ratio whose pruned model has at most `flops_target` of the MACs."""
+    trials = _Trials(model, graph)
+    base, _ = trials.measure({})
+    budget = flops_target * base
+    cands = _candidates(groups, scope, 1.0)
+
+    def attempt(r):
+        plan = pruners.make_plan(groups, scores, r, scope, **guards)
+        macs, small = trials.measure(plan)
+        if verbose:
+            print(f"  ratio {r:.4f}: {macs / base:.2%} of the MACs")
+        return plan, macs, small
+
+    plan, macs, small = attempt(0.0)
+    if macs <= budget:
+        return plan, small
+    plan, macs, small = attempt(cands[-1])
+    if macs > budget:
+        raise KprunError(
+            f"Model '{model.name}' cannot reach {flops_target:.1%} of its MACs: the guards "
+            f"(max_ratio={guards['max_ratio']}, min_channels={guards['min_channels']}, "
+            f"round_to={guards['round_to']}) and exclusions leave {macs / base:.1%}.")
+    lo, hi, best = 0, len(cands) - 1, (plan, small)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        plan, macs, small = attempt(cands[mid])
+        if macs <= budget:
+            hi, best = mid, (plan, small)
+        else:
+            lo = mid
+    return best
+
+
+# --------------------------------------------------------------------------
+# Entry points
+# --------------------------------------------------------------------------
+def _prepare(model, ratio, flops_target, criterion, scope, data, exclude, round_to, max_ratio,
+             min_channels, reduce, config_list):
+    _check_target(ratio, flops_target, config_list)
+    crit = _criteria.get_criterion(criterion)
+    if scope not in _SCOPES:
+        raise KprunError(f"Unknown scope {scope!r}; valid scopes: 'local', 'global'.")
+    if config_list is not None and scope != "local":
+        raise KprunError("`config_list` sets a sparsity per layer; use it with scope='local'.")
+    if reduce not in _criteria.REDUCERS:
+        raise KprunError(f"Unknown reduce {reduce!r}; valid: {', '.join(_criteria.REDUCERS)}.")
+    if crit.needs_data and data is None:
+        raise KprunError(f"Criterion '{crit.name}' scores activations: pass `data` "
+                         "(inputs, (x, y) or batches).")
+    pruners.check_guards(max_ratio, min_channels, round_to)
+    entries = pruners.check_exclude(exclude)
+    configs = parse_config_list(config_list) if config_list is not None else None
+    graph = DependencyGraph(model)
+    _check_exclude_names(model, graph, entries)
+    groups = [g for g in graph.prunable_groups() if not pruners.is_excluded(g, entries)]
+    return crit, graph, groups, configs
+
+
+def _report(model, graph, plan, verbose) -> None:
+    if not verbose:
+        return
+    print(f"kprune: pruning model '{model.name}'")
+    for gid, channels in sorted(plan.items()):
+        g = graph.groups[gid]
+        names = g.layer_names()
+        print(f"  {names[0]}{f' (+{len(names) - 1} coupled)' if len(names) > 1 else ''}: "
+              f"{g.size} -> {g.size - len(channels)} channels")
+
+
+def prune_plan(model: keras.Model, **kwargs) -> dict:
+    """The plan `prune` would apply, `{group id: channels to drop}`.
+
+    Takes the same keyword arguments as `prune`. Use it to inspect a plan, or
+    to build the reference `kprune.surgeon.zero_plan(model, plan)`.
+
+    Example:
+
+    >>> plan = prune_plan(model, ratio=0.5)
+    >>> masked = kprune.surgeon.zero_plan(model, plan)
+    """
+    return _run(model, **kwargs)[0]
+
+
+def prune(model: keras.Model, *, ratio: float | None = None, flops_target: float | None = None,
+          criterion="l1", scope: str = "local", data=None, loss=None, exclude=(),
+          round_to: int = 1, max_ratio: float = 0.9, min_channels: int = 1,
+          reduce: str = "mean", seed: int | None = None, config_list: Sequence | None = None,
+          verbose: int = 0, batch_size: int = 32) -> keras.Model:
+    """Remove the least important channels and return a new, smaller model.
+
+    Channels are scored once on `model` with `criterion`, reduced over the
+    members of each dependency group, then removed for real by
+    `kprune.surgeon.apply_plan`. The caller's model is not changed.
+
+    Args:
+        model: A functional or Sequential Keras model.
+        ratio: Share of channels to remove, in [0, 1): from every group
+            (`scope='local'`) or from all prunable channels together
+            (`scope='global'`).
+        flops_target: Share of the original MACs (`kprune.profile`) the result
+            may keep, in (0, 1]: the smallest ratio reaching it is searched, so
+            the result is at or just under the target.
+        criterion: A name from `kprune.criteria.available_criteria()`.
+        scope: 'local' (same share per group) or 'global' (one ranking over
+            groups, scores divided by their group's mean).
+        data: Inputs for data criteria ('taylor' needs `(x, y)`).
+        loss: Loss for 'taylor' (default: the compiled model's).
+        exclude: Layer names, class names or classes: every group touching one
+            of them is left whole.
+        round_to: Keep a multiple of this many channels per group when possible.
+        max_ratio: Never remove more than this share of a group.
+        min_channels: Never keep fewer channels in a group (>= 1).
+        reduce: How member scores combine: 'mean', 'sum', 'max', 'min', 'prod'.
+        seed: Seed of the 'random' criterion.
+        config_list: NNI-style per-layer sparsities instead of `ratio`, e.g.
+            `[{"op_types": ["Conv2D"], "sparsity": 0.5}, {"op_names": ["fc"],
+            "exclude": True}]`; a group takes the first config matching one of
+            its producers.
+        verbose: Print the plan (and the search steps for `flops_target`).
+        batch_size: Batch size for data criteria given arrays.
+
+    Returns:
+        A new Keras model of plain layers.
+
+    Raises:
+        KprunError: for any invalid argument, a model kprune cannot read, or a
+            `flops_target` the guards make unreachable.
+
+    Example:
+
+    >>> small = prune(model, flops_target=0.5, criterion="fpgm", round_to=8)
+    >>> small = prune(model, ratio=0.3, scope="global", exclude=["Dense"])
+    """
+    return _run(model, ratio=ratio, flops_target=flops_target, criterion=criterion, scope=scope,
+                data=data, loss=loss, exclude=exclude, round_to=round_to, max_ratio=max_ratio,
+                min_channels=min_channels, reduce=reduce, seed=seed, config_list=config_list,
+                verbose=verbose, batch_size=batch_size)[1]
+
+
+def _run(model, *, ratio=None, flops_target=None, criterion="l1", scope="local", data=None,
+         loss=None, exclude=(), round_to=1, max_ratio=0.9, min_channels=1, reduce="mean",
+         seed=None, config_list=None, verbose=0, batch_size=32):
+    crit, graph, groups, configs = _prepare(model, ratio, flops_target, criterion, scope, data,
+                                            exclude, round_to, max_ratio, min_channels, reduce,
+                                            config_list)
+    guards = dict(max_ratio=max_ratio, min_channels=min_channels, round_to=round_to)
+    if configs is not None:
+        sparsity = config_ratios(groups, configs)
+        groups = [g for g in groups if g.id in sparsity]
+    scores = _criteria.score_groups(model, groups, crit, reduce, data, loss, seed, graph,
+                                    batch_size) if groups else {}
+    if flops_target is not None:
+        plan, small = _search(model, graph, groups, scores, flops_target, scope, guards, verbose)
+    else:
+        target = sparsity if configs is not None else ratio
+        plan = pruners.make_plan(groups, scores, target, scope, **guards)
+        small = apply_plan(model, plan, graph) if plan else copy_model(model)
+    _report(model, graph, plan, verbose)
+    return plan, small
+
+
+__all__ = ["config_ratios", "parse_config_list", "prune", "prune_plan"]
