@@ -172,7 +172,9 @@ def _candidates(groups, scope: str, max_ratio: float) -> list:
     """Every ratio at which the plan can change, ascending (0 first)."""
     if scope == "global":
         total = sum(g.size for g in groups)
-        return [k / total for k in range(int(math.floor(max_ratio * total)) + 1)] if total else [0.0]
+        if not total:
+            return [0.0]
+        return [k / total for k in range(int(math.floor(max_ratio * total)) + 1)]
     points = {0.0}
     for g in groups:
         points.update((k + 0.5) / g.size for k in range(g.size) if (k + 0.5) / g.size < 1.0)
@@ -331,6 +333,10 @@ def _run(model, *, ratio=None, flops_target=None, criterion="l1", scope="local",
         groups = [g for g in groups if g.id in sparsity]
     scores = _criteria.score_groups(model, groups, crit, reduce, data, loss, seed, graph,
                                     batch_size) if groups else {}
+    if verbose and len(scores) < len(groups):
+        print(f"kprune: criterion '{crit.name}' has nothing to score in "
+              f"{len(groups) - len(scores)} group(s); they are left whole")
+    groups = [g for g in groups if g.id in scores]
     if flops_target is not None:
         plan, small = _search(model, graph, groups, scores, flops_target, scope, guards, verbose)
     else:
