@@ -265,13 +265,18 @@ def _positions_last(value, axis: int) -> np.ndarray:
 
 
 def _to_channels(values: np.ndarray, view: _View, how: str) -> np.ndarray:
-    """(N, positions) -> (N, channels): sum or mean of the positions of each channel."""
-    valid = view.index >= 0
-    onehot = np.zeros((len(view.index), view.size))
-    onehot[np.flatnonzero(valid), view.index[valid]] = 1.0
-    if how == "mean":
-        onehot /= np.maximum(onehot.sum(axis=0, keepdims=True), 1.0)
-    return values @ onehot
+    """(N, positions) -> (N, channels): sum or mean of the positions of each channel.
+
+    Channels no position maps to get 0.
+    """
+    valid = np.flatnonzero(view.index >= 0)
+    order = valid[np.argsort(view.index[valid], kind="stable")]
+    channels, starts, counts = np.unique(view.index[order], return_index=True, return_counts=True)
+    out = np.zeros((values.shape[0], view.size))
+    if len(order):
+        sums = np.add.reduceat(values[:, order], starts, axis=1)
+        out[:, channels] = sums / counts if how == "mean" else sums
+    return out
 
 
 def _batches(data, batch_size: int):
