@@ -20,7 +20,7 @@ from kprune import criteria as _criteria
 from kprune import pruners
 from kprune.errors import KprunError
 from kprune.graph import DependencyGraph
-from kprune.surgeon import apply_plan, copy_model
+from kprune.surgeon import apply_plan, copy_model, drop_masks
 
 _SCOPES = ("local", "global")
 _CONFIG_KEYS = {"op_types", "op_names", "op_partial_names", "sparsity", "sparsity_per_layer",
@@ -153,66 +153,135 @@ def _macs(model) -> float:
     return float(profile(model).macs)
 
 
+def plan_macs(graph: DependencyGraph, plan: Mapping) -> int | None:
+    """MACs of `apply_plan(graph.model, plan)` computed without surgery.
+
+    Every call is counted by `kprune.profile.layer_macs` on the shapes its
+    tensors will have once the planned channels are gone.
+
+    Args:
+        graph: The model's dependency graph.
+        plan: `{group id: channels to drop}`.
+
+    Returns:
+        The MACs, or None where `kprune.profile.layer_macs` is not available.
+
+    Example:
+
+    >>> plan_macs(graph, {graph.group_of("conv1").id: [0, 1]})
+    """
+    try:
+        from kprune.profile import layer_macs
+    except ImportError:
+        return None
+    drop = drop_masks(graph, plan)
+
+    def shape(t):
+        dims = list(t.shape)
+        keep = graph.keep_mask(t, drop) if drop else None
+        if keep is not None:
+            dims[graph.specs[id(t)].axis] = int(keep.sum())
+        return tuple(dims)
+
+    return int(sum(layer_macs(c.layer, [shape(t) for t in c.inputs],
+                              [shape(t) for t in c.outputs]) for c in graph.flat.calls))
+
+
 class _Trials:
-    """Plans tried during the search, each pruned and measured once."""
+    """Plans tried during the search: estimated from the plan, or pruned and measured."""
 
     def __init__(self, model, graph):
         self.model, self.graph = model, graph
-        self.cache: dict = {}
+        self.models: dict = {}
+        self.estimates: dict = {}
+
+    @staticmethod
+    def _key(plan):
+        return tuple(sorted((gid, tuple(ch)) for gid, ch in plan.items()))
 
     def measure(self, plan: dict):
-        key = tuple(sorted((gid, tuple(ch)) for gid, ch in plan.items()))
-        if key not in self.cache:
+        """(MACs from `kprune.profile`, pruned model)."""
+        key = self._key(plan)
+        if key not in self.models:
             small = apply_plan(self.model, plan, self.graph) if plan else copy_model(self.model)
-            self.cache[key] = (_macs(small), small)
-        return self.cache[key]
+            self.models[key] = (_macs(small), small)
+        return self.models[key]
+
+    def estimate(self, plan: dict):
+        key = self._key(plan)
+        if key not in self.estimates:
+            self.estimates[key] = plan_macs(self.graph, plan)
+        return self.estimates[key]
 
 
-def _candidates(groups, scope: str, max_ratio: float) -> list:
+def _candidates(groups, scope: str) -> list:
     """Every ratio at which the plan can change, ascending (0 first)."""
     if scope == "global":
         total = sum(g.size for g in groups)
-        if not total:
-            return [0.0]
-        return [k / total for k in range(int(math.floor(max_ratio * total)) + 1)]
+        return [k / total for k in range(total + 1)] if total else [0.0]
     points = {0.0}
     for g in groups:
         points.update((k + 0.5) / g.size for k in range(g.size) if (k + 0.5) / g.size < 1.0)
     return sorted(points)
 
 
+def _bisect(cost, n: int, budget: float, lo: int = 0) -> int:
+    """Smallest index in (lo, n) with cost <= budget, given cost(n - 1) <= budget < cost(lo)."""
+    hi = n - 1
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if cost(mid) <= budget:
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
 def _search(model, graph, groups, scores, flops_target, scope, guards, verbose):
-    """The smallest ratio whose pruned model has at most `flops_target` of the MACs."""
+    """The smallest ratio whose pruned model keeps at most `flops_target` of the MACs.
+
+    The search bisects over every ratio at which the plan changes, on MACs
+    computed from the plan (`plan_macs`); the chosen plan is then pruned and
+    measured with `kprune.profile`. Should the two disagree, the search is
+    repeated on measured models.
+    """
     trials = _Trials(model, graph)
-    base, _ = trials.measure({})
+    base = _macs(model)
     budget = flops_target * base
-    cands = _candidates(groups, scope, 1.0)
+    if base <= budget:
+        return {}, copy_model(model)
+    cands = _candidates(groups, scope)
+    plans: dict = {}
 
-    def attempt(r):
-        plan = pruners.make_plan(groups, scores, r, scope, **guards)
-        macs, small = trials.measure(plan)
+    def plan_at(i):
+        if i not in plans:
+            plans[i] = pruners.make_plan(groups, scores, cands[i], scope, **guards)
+        return plans[i]
+
+    def measured(i):
+        macs = trials.measure(plan_at(i))[0]
         if verbose:
-            print(f"  ratio {r:.4f}: {macs / base:.2%} of the MACs")
-        return plan, macs, small
+            print(f"kprune: ratio {cands[i]:.4f} keeps {macs / base:.2%} of the MACs")
+        return macs
 
-    plan, macs, small = attempt(0.0)
-    if macs <= budget:
-        return plan, small
-    plan, macs, small = attempt(cands[-1])
-    if macs > budget:
+    def estimated(i):
+        return trials.estimate(plan_at(i))
+
+    exact = trials.estimate({}) == base
+    cost = estimated if exact else measured
+    last = len(cands) - 1
+    if cost(last) > budget:
         raise KprunError(
             f"Model '{model.name}' cannot reach {flops_target:.1%} of its MACs: the guards "
             f"(max_ratio={guards['max_ratio']}, min_channels={guards['min_channels']}, "
-            f"round_to={guards['round_to']}) and exclusions leave {macs / base:.1%}.")
-    lo, hi, best = 0, len(cands) - 1, (plan, small)
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        plan, macs, small = attempt(cands[mid])
-        if macs <= budget:
-            hi, best = mid, (plan, small)
-        else:
-            lo = mid
-    return best
+            f"round_to={guards['round_to']}) and exclusions leave {cost(last) / base:.1%}.")
+    i = _bisect(cost, len(cands), budget)
+    if exact and measured(i) != estimated(i):
+        i = _bisect(measured, len(cands), budget)  # the estimate was off: measure instead
+        if measured(i) > budget:
+            raise KprunError(f"Model '{model.name}' cannot reach {flops_target:.1%} of its "
+                             f"MACs within the guards; the smallest is {measured(i) / base:.1%}.")
+    return plan_at(i), trials.measure(plan_at(i))[1]
 
 
 # --------------------------------------------------------------------------
@@ -347,4 +416,4 @@ def _run(model, *, ratio=None, flops_target=None, criterion="l1", scope="local",
     return plan, small
 
 
-__all__ = ["config_ratios", "parse_config_list", "prune", "prune_plan"]
+__all__ = ["config_ratios", "parse_config_list", "plan_macs", "prune", "prune_plan"]
