@@ -7,5 +7,6 @@ from kprune.graph import DependencyGraph, register_rule  # noqa: F401
 from kprune import surgeon  # noqa: F401
 from kprune.surgeon import apply_plan, delete_channels  # noqa: F401
 from kprune import criteria  # noqa: F401
+from kprune.profile import latency, profile  # noqa: F401
 from kprune.pruning import prune  # noqa: F401
 from kprune import resrep  # noqa: F401

@@ -68,11 +68,18 @@ class Rebuilder:
         self.layers: dict = {}
         self.names: set = set()
 
-    def run(self, name: str | None = None) -> keras.Model:
+    def run(self, name: str | None = None, input_shapes: list | None = None) -> keras.Model:
+        """Build the new model.
+
+        Args:
+            name: Name of the new model (default: the source model's).
+            input_shapes: Batch shapes of the new inputs (default: the source's).
+        """
         new_inputs = []
-        for t in self.flat.inputs:
+        shapes = input_shapes or [tuple(t.shape) for t in self.flat.inputs]
+        for t, shape in zip(self.flat.inputs, shapes):
             layer = t._keras_history.operation
-            new = keras.Input(batch_shape=tuple(t.shape), dtype=t.dtype, name=layer.name,
+            new = keras.Input(batch_shape=tuple(shape), dtype=t.dtype, name=layer.name,
                               sparse=getattr(t, "sparse", False))
             self.tensors[id(t)] = new
             self.names.add(layer.name)

@@ -1,0 +1,244 @@
+"""Count multiply-accumulates (MACs) and parameters, and time a model.
+
+MACs are counted as papers count them: one multiply-accumulate is 1, a
+convolution costs `prod(kernel) * Cin / groups * Cout * prod(output spatial)`.
+Normalisation, activations, pooling and element-wise merges count 0, as in the
+tables of the pruning literature. Custom layers register their own counter
+with `register_macs`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from typing import Callable, Sequence
+
+import keras
+import numpy as np
+
+from kprune.errors import KprunError
+from kprune.graph.walk import walk
+
+_COUNTERS: dict = {}
+
+
+def register_macs(layer_class, fn: Callable) -> None:
+    """Register `fn(layer, input_shapes, output_shapes) -> int` for `layer_class`.
+
+    Shapes include the batch axis; counts are per sample.
+
+    Example:
+
+    >>> register_macs(MyPointwise, lambda layer, ins, outs: ins[0][-1] * outs[0][-1])
+    """
+    _COUNTERS[layer_class] = fn
+
+
+def _prod(dims) -> int:
+    if any(d is None for d in dims):
+        raise KprunError("Cannot count MACs on unknown spatial sizes; pass `input_shape=`.")
+    return int(math.prod(int(d) for d in dims))
+
+
+def _spatial_and_channels(layer, shape):
+    if getattr(layer, "data_format", "channels_last") == "channels_first":
+        return shape[2:], shape[1]
+    return shape[1:-1], shape[-1]
+
+
+def _conv(layer, ins, outs):
+    spatial_out, cout = _spatial_and_channels(layer, outs[0])
+    _, cin = _spatial_and_channels(layer, ins[0])
+    groups = int(getattr(layer, "groups", 1) or 1)
+    return _prod(layer.kernel_size) * int(cin) // groups * int(cout) * _prod(spatial_out)
+
+
+def _conv_transpose(layer, ins, outs):
+    spatial_in, cin = _spatial_and_channels(layer, ins[0])
+    _, cout = _spatial_and_channels(layer, outs[0])
+    return _prod(layer.kernel_size) * int(cin) * int(cout) * _prod(spatial_in)
+
+
+def _depthwise(layer, ins, outs):
+    spatial_out, cout = _spatial_and_channels(layer, outs[0])
+    return _prod(layer.kernel_size) * int(cout) * _prod(spatial_out)
+
+
+def _separable(layer, ins, outs):
+    spatial_out, cout = _spatial_and_channels(layer, outs[0])
+    _, cin = _spatial_and_channels(layer, ins[0])
+    mid = int(cin) * int(layer.depth_multiplier)
+    return (_prod(layer.kernel_size) * mid + mid * int(cout)) * _prod(spatial_out)
+
+
+def _dense(layer, ins, outs):
+    return int(ins[0][-1]) * int(outs[0][-1]) * _prod(outs[0][1:-1])
+
+
+def _rnn(layer, ins, outs):
+    steps, features = ins[0][1], ins[0][-1]
+    gates = {"SimpleRNN": 1, "GRU": 3, "LSTM": 4}[type(layer).__name__]
+    units = int(layer.units)
+    return _prod([steps]) * gates * units * (int(features) + units)
+
+
+def _register_defaults():
+    L = keras.layers
+    for cls in (L.Conv1D, L.Conv2D, L.Conv3D):
+        register_macs(cls, _conv)
+    for cls in (L.Conv1DTranspose, L.Conv2DTranspose, L.Conv3DTranspose):
+        register_macs(cls, _conv_transpose)
+    for cls in (L.DepthwiseConv1D, L.DepthwiseConv2D):
+        register_macs(cls, _depthwise)
+    for cls in (L.SeparableConv1D, L.SeparableConv2D):
+        register_macs(cls, _separable)
+    register_macs(L.Dense, _dense)
+    for cls in (L.SimpleRNN, L.GRU, L.LSTM):
+        register_macs(cls, _rnn)
+
+
+_register_defaults()
+
+
+def layer_macs(layer, input_shapes: Sequence, output_shapes: Sequence) -> int:
+    """MACs of one call of `layer` for one sample (0 for uncounted layer types).
+
+    Args:
+        layer: The called layer.
+        input_shapes: Shapes of the call's input tensors, batch axis included.
+        output_shapes: Shapes of its output tensors.
+    """
+    fn = _COUNTERS.get(type(layer))
+    if fn is None:
+        return 0
+    return int(fn(layer, [tuple(s) for s in input_shapes], [tuple(s) for s in output_shapes]))
+
+
+@dataclasses.dataclass
+class LayerProfile:
+    """One row of a `Profile`."""
+
+    name: str
+    class_name: str
+    output_shape: tuple
+    macs: int
+    params: int
+
+
+@dataclasses.dataclass
+class Profile:
+    """MACs and parameters of a model, per layer and in total.
+
+    Attributes:
+        macs: Multiply-accumulates for one sample.
+        params: Parameters (equals `model.count_params()`).
+        layers: One `LayerProfile` per layer call.
+    """
+
+    name: str
+    macs: int
+    params: int
+    layers: list
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "macs": self.macs, "params": self.params,
+                "layers": [dataclasses.asdict(r) for r in self.layers]}
+
+    def __str__(self) -> str:
+        head = f"{'layer':<36}{'type':<24}{'output':<22}{'MACs':>14}{'params':>12}"
+        lines = [f"Model: {self.name}", head, "-" * len(head)]
+        for r in self.layers:
+            shape = str(tuple(r.output_shape[1:]))
+            lines.append(f"{r.name[:35]:<36}{r.class_name[:23]:<24}{shape[:21]:<22}"
+                         f"{r.macs:>14,}{r.params:>12,}")
+        lines.append("-" * len(head))
+        lines.append(f"{'total':<82}{self.macs:>14,}{self.params:>12,}")
+        lines.append(f"{format_count(self.macs)} MACs, {format_count(self.params)} parameters")
+        return "\n".join(lines)
+
+
+def format_count(n: float) -> str:
+    """`1234567` -> `'1.23M'`."""
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return str(int(n))
+
+
+def profile(model: keras.Model, input_shape: Sequence[int] | None = None) -> Profile:
+    """Per-layer and total MACs and parameters of `model`.
+
+    Args:
+        model: A functional or Sequential model (nested models are inlined).
+        input_shape: Input shape without the batch axis, for models built with
+            unknown spatial sizes (the model is rebuilt at that shape).
+
+    Returns:
+        A `Profile`; `print()` it for a table.
+
+    Example:
+
+    >>> p = profile(keras.applications.MobileNetV2(weights=None, input_shape=(96, 96, 3)))
+    >>> p.params == 3538984
+    True
+    """
+    if input_shape is not None:
+        model = _at_shape(model, tuple(input_shape))
+    flat = walk(model)
+    rows, seen = [], set()
+    for call in flat.calls:
+        ins = [tuple(t.shape) for t in call.inputs]
+        outs = [tuple(t.shape) for t in call.outputs]
+        try:
+            macs = layer_macs(call.layer, ins, outs)
+        except KprunError as exc:
+            raise KprunError(f"Layer '{call.layer.name}': {exc}") from None
+        params = 0
+        if isinstance(call.layer, keras.layers.Layer) and id(call.layer) not in seen:
+            seen.add(id(call.layer))
+            params = int(sum(math.prod(v.shape) for v in call.layer.weights))
+        rows.append(LayerProfile(call.layer.name, type(call.layer).__name__, outs[0] if outs else (),
+                                 macs, params))
+    return Profile(model.name, sum(r.macs for r in rows), sum(r.params for r in rows), rows)
+
+
+def _at_shape(model, input_shape):
+    """A weight-identical copy of `model` whose (single) input has `input_shape`."""
+    if len(model.inputs) != 1:
+        raise KprunError(f"Model '{model.name}' has several inputs; `input_shape` needs one.")
+    from kprune.surgeon.rebuild import Rebuilder
+
+    return Rebuilder(walk(model)).run(input_shapes=[(None,) + tuple(input_shape)])
+
+
+def latency(model: keras.Model, batch_size: int = 1, warmup: int = 3, runs: int = 20,
+            input_shape: Sequence[int] | None = None) -> float:
+    """Median seconds of one inference call on a batch of random inputs.
+
+    The model runs inside a compiled `tf.function` (as `model.predict` does),
+    after `warmup` untimed calls.
+
+    Args:
+        model: A single-input Keras model.
+        batch_size: Batch size of the timed calls.
+        warmup: Untimed calls before timing.
+        runs: Timed calls; the median is returned.
+        input_shape: Input shape without batch axis, if the model's is unknown.
+    """
+    import tensorflow as tf
+
+    shape = tuple(input_shape or model.inputs[0].shape[1:])
+    if any(d is None for d in shape):
+        raise KprunError(f"Model '{model.name}' has unknown input sizes; pass `input_shape=`.")
+    x = tf.constant(np.random.default_rng(0).normal(size=(batch_size,) + shape).astype("float32"))
+    fn = tf.function(lambda t: model(t, training=False), jit_compile=False)
+    for _ in range(max(1, warmup)):
+        fn(x)
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        out = fn(x)
+        keras.tree.map_structure(lambda o: o.numpy(), out)
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
