@@ -187,3 +187,66 @@ def test_subclassed_model_is_refused():
     model(np.zeros((1, 3), "float32"))
     with pytest.raises(KprunError, match="subclassed"):
         kprune.prune(model, ratio=0.5)
+
+
+# FLOPs target ------------------------------------------------------------------
+def _wide_resnet():
+    inp = keras.Input((8, 8, 3))
+    x = archs.conv_bn(inp, 32)
+    for filters, stride in ((32, 1), (48, 2)):
+        y = archs.conv_bn(x, filters, strides=stride)
+        y = archs.conv_bn(y, filters, act=False)
+        if stride != 1:
+            x = archs.conv_bn(x, filters, kernel=1, strides=stride, act=False)
+        x = L.ReLU()(L.Add()([x, y]))
+    x = L.GlobalAveragePooling2D()(x)
+    model = keras.Model(inp, L.Dense(3)(x), name="wide_resnet")
+    randomize(model, seed=3)
+    return model
+
+
+@pytest.mark.parametrize("scope", ["local", "global"])
+@pytest.mark.parametrize("target", [0.3, 0.6])
+def test_flops_target_is_met_closely(scope, target):
+    from kprune.profile import profile
+
+    model = _wide_resnet()
+    base = profile(model).macs
+    small = kprune.prune(model, flops_target=target, scope=scope)
+    share = profile(small).macs / base
+    assert share <= target
+    assert share >= target - 0.03
+
+
+def test_flops_target_result_equals_zero_reference():
+    model = _wide_resnet()
+    x = _x(model)
+    plan = prune_plan(model, flops_target=0.5, criterion="l2", scope="global", round_to=4)
+    small = kprune.prune(model, flops_target=0.5, criterion="l2", scope="global", round_to=4)
+    np.testing.assert_allclose(np.asarray(small(x)), np.asarray(zero_plan(model, plan)(x)),
+                               rtol=1e-5, atol=1e-5)
+    assert all(l.filters % 4 == 0 for l in small.layers if isinstance(l, L.Conv2D))
+
+
+def test_unreachable_flops_target_is_refused():
+    with pytest.raises(KprunError, match="cannot reach 10.0% of its MACs"):
+        kprune.prune(_wide_resnet(), flops_target=0.1, max_ratio=0.5)
+
+
+def test_flops_target_one_keeps_everything():
+    model = _plain()
+    assert _filters(kprune.prune(model, flops_target=1.0)) == _filters(model)
+
+
+@pytest.mark.parametrize("family", ["resnet_bottleneck", "mobilenet_v2", "densenet", "resnext",
+                                    "xception", "vgg", "nested", "conv1d_net"])
+def test_plan_macs_equals_the_profile_of_the_pruned_model(family):
+    from kprune.profile import profile
+    from kprune.pruning import plan_macs
+    from kprune.verify import random_plan
+
+    model = archs.FAMILIES[family]()
+    graph = DependencyGraph(model)
+    plan = random_plan(graph, 0.5, seed=4)
+    assert plan_macs(graph, {}) == profile(model).macs
+    assert plan_macs(graph, plan) == profile(kprune.apply_plan(model, plan, graph)).macs
