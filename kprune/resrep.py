@@ -35,6 +35,7 @@ from kprune.graph import rules as R
 from kprune.graph.dependency import DependencyGraph
 from kprune.graph.walk import walk
 from kprune.layers.compactor import Compactor
+from kprune.profile import layer_macs
 from kprune.surgeon.fuse import (PRODUCERS, can_mix, fold_compactors, fuse_batchnorm,
                                  is_linear, output_axis)
 from kprune.surgeon.plan import apply_plan
@@ -408,46 +409,7 @@ def compactor_sets(model: keras.Model) -> list:
 # ---------------------------------------------------------------------------
 def _call_macs(layer, in_shapes: list, out_shapes: list) -> int:
     """Multiply-accumulates of one call (batch excluded) for the given shapes."""
-    return _macs_function()(layer, in_shapes, out_shapes)
-
-
-def _macs_function():
-    try:
-        from kprune.profile import layer_macs
-    except ImportError:
-        return _own_macs
-    return layer_macs
-
-
-def _prod(values) -> int:
-    return int(math.prod(int(v) for v in values))
-
-
-def _own_macs(layer, in_shapes, out_shapes) -> int:
-    if isinstance(layer, Compactor):
-        return 0
-    if not in_shapes or not out_shapes:
-        return 0
-    x, y = in_shapes[0], out_shapes[0]
-    if isinstance(layer, L.Dense):
-        return _prod(x[1:]) * int(y[-1])
-    if not isinstance(layer, PRODUCERS):
-        return 0
-    rank = len(y)
-    ax = R.channel_axis(layer, rank)
-    spatial_out = _prod(d for i, d in enumerate(y) if i not in (0, ax))
-    spatial_in = _prod(d for i, d in enumerate(x) if i not in (0, ax))
-    cin, cout = int(x[ax]), int(y[ax])
-    k = _prod(layer.kernel_size)
-    if isinstance(layer, (L.DepthwiseConv1D, L.DepthwiseConv2D)):
-        return k * cout * spatial_out
-    if isinstance(layer, (L.SeparableConv1D, L.SeparableConv2D)):
-        mid = cin * int(layer.depth_multiplier)
-        return k * mid * spatial_out + mid * cout * spatial_out
-    if isinstance(layer, (L.Conv1DTranspose, L.Conv2DTranspose, L.Conv3DTranspose)):
-        return k * cin * cout * spatial_in
-    groups = int(getattr(layer, "groups", 1) or 1)
-    return k * (cin // groups) * cout * spatial_out
+    return layer_macs(layer, in_shapes, out_shapes)
 
 
 class _MacCounter:
