@@ -220,7 +220,7 @@ def grouped_kernel(layer: LearnedGroupConv) -> tuple:
     kept = _group_inputs(layer)
     groups, filters = layer.groups, layer.filters
     per_out = filters // groups
-    source = np.asarray(keras.ops.convert_to_numpy(layer.kernel))[0, 0]
+    source = layer.kernel.numpy()[0, 0]
     kernel = np.zeros((len(kept[0]), filters), dtype=source.dtype)
     for g, rows in enumerate(kept):
         kernel[:, g * per_out:(g + 1) * per_out] = source[rows][:, g::groups]
@@ -251,10 +251,10 @@ def _convert_dense(rebuilder: Rebuilder, layer: LearnedDense) -> tuple:
     kept = layer.kept_inputs()
     if len(kept) == 0:
         raise KprunError(f"LearnedDense '{layer.name}': every input feature is masked.")
-    kernel = np.asarray(keras.ops.convert_to_numpy(layer.kernel))[kept]
+    kernel = layer.kernel.numpy()[kept]
     dense = keras.layers.Dense(layer.units, activation=layer.activation, use_bias=layer.use_bias,
                                name=rebuilder.unique_name(layer.name))
-    values = [kernel] + ([keras.ops.convert_to_numpy(layer.bias)] if layer.use_bias else [])
+    values = [kernel] + ([layer.bias.numpy()] if layer.use_bias else [])
     if len(kept) == layer.in_features:
         return [dense], {0: values}
     select = IndexSelect(kept.tolist(), name=rebuilder.unique_name(f"{layer.name}_select"))

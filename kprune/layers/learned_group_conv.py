@@ -142,7 +142,7 @@ class LearnedGroupConv(keras.layers.Layer):
     def stage(self) -> int:
         """The current stage, 0 (dense) to `final_stage`."""
         self._check_built()
-        return int(ops.convert_to_numpy(self.stage_variable))
+        return int(self.stage_variable.numpy())
 
     def build(self, input_shape):
         where = f"LearnedGroupConv '{self.name}'"
@@ -230,7 +230,7 @@ class LearnedGroupConv(keras.layers.Layer):
                 f"LearnedGroupConv '{self.name}' is already at its last stage ({stage})."
             )
         delta = self.in_channels // self.condense_factor
-        mask = ops.convert_to_numpy(self.mask).copy()
+        mask = np.array(self.mask.numpy())
         scores = self.importance()
         for g in range(self.groups):
             alive = np.flatnonzero(mask[:, g])
@@ -241,7 +241,7 @@ class LearnedGroupConv(keras.layers.Layer):
 
     def kept_inputs(self) -> list:
         """For every group, the sorted input channels it reads (a list of int64 arrays)."""
-        mask = ops.convert_to_numpy(self.mask)
+        mask = self.mask.numpy()
         return [np.flatnonzero(mask[:, g]).astype("int64") for g in range(self.groups)]
 
     def get_config(self) -> dict:
@@ -330,7 +330,7 @@ class LearnedDense(keras.layers.Layer):
     def stage(self) -> int:
         """0 while dense, 1 once condensed."""
         self._check_built()
-        return int(ops.convert_to_numpy(self.stage_variable))
+        return int(self.stage_variable.numpy())
 
     def build(self, input_shape):
         if len(input_shape) != 2 or input_shape[-1] is None:
@@ -366,8 +366,8 @@ class LearnedDense(keras.layers.Layer):
         """
         if self.stage >= self.final_stage:
             raise KprunError(f"LearnedDense '{self.name}' is already condensed.")
-        kernel = np.abs(ops.convert_to_numpy(self.kernel))
-        mask = ops.convert_to_numpy(self.mask)
+        kernel = np.abs(self.kernel.numpy())
+        mask = self.mask.numpy()
         scores = np.where(mask > 0, kernel.sum(axis=1), -np.inf)
         keep = max(1, int(self.in_features * self.keep_ratio))
         order = np.argsort(-scores, kind="stable")
@@ -378,7 +378,7 @@ class LearnedDense(keras.layers.Layer):
 
     def kept_inputs(self) -> np.ndarray:
         """Sorted indices of the input features the layer reads (int64)."""
-        return np.flatnonzero(ops.convert_to_numpy(self.mask)).astype("int64")
+        return np.flatnonzero(self.mask.numpy()).astype("int64")
 
     def get_config(self) -> dict:
         config = super().get_config()
