@@ -252,7 +252,7 @@ class WeightMasker:
     def prune_to(self, sparsity: float) -> None:
         """Zero the `sparsity` share of smallest |w| in every kernel (masked ones first)."""
         for key, var in self._vars.items():
-            value = np.abs(np.asarray(keras.ops.convert_to_numpy(var), np.float64)).reshape(-1)
+            value = np.abs(np.asarray(var.numpy(), np.float64)).reshape(-1)
             value[self.masks[key].reshape(-1)] = -np.inf
             k = int(np.floor(sparsity * value.size + 0.5))
             mask = np.zeros(value.size, dtype=bool)

@@ -220,7 +220,7 @@ class RePr(ChannelMasker):
         for gid in self.plan():
             for member in self.graph.groups[gid].producers:
                 kernel, axis = producer_variables(member.layer)[0]
-                out[id(kernel)] = np.array(keras.ops.convert_to_numpy(kernel), dtype=np.float64)
+                out[id(kernel)] = np.array(kernel.numpy(), dtype=np.float64)
         return out
 
     def reinitialize(self) -> dict:
@@ -250,7 +250,7 @@ class RePr(ChannelMasker):
 
     def _reinit_member(self, member, masked: np.ndarray) -> None:
         kernel, axis = producer_variables(member.layer)[0]
-        value = np.array(keras.ops.convert_to_numpy(kernel), dtype=np.float64)
+        value = np.array(kernel.numpy(), dtype=np.float64)
         w = _matrix(value, axis)
         index = np.asarray(member.index)
         new_rows = (index >= 0) & masked[np.where(index >= 0, index, 0)]

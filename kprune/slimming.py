@@ -76,7 +76,7 @@ def scores(model: keras.Model, graph: DependencyGraph | None = None) -> dict:
             continue
         sums, counts = np.zeros(group.size), np.zeros(group.size)
         for member in members:
-            gamma = np.abs(np.asarray(keras.ops.convert_to_numpy(member.layer.gamma), np.float64))
+            gamma = np.abs(np.asarray(member.layer.gamma.numpy(), np.float64))
             index = np.asarray(member.index)
             hit = index >= 0
             np.add.at(sums, index[hit], gamma.reshape(-1)[hit])
