@@ -10,3 +10,4 @@ from kprune import criteria  # noqa: F401
 from kprune.profile import latency, profile  # noqa: F401
 from kprune.pruning import prune  # noqa: F401
 from kprune import resrep  # noqa: F401
+from kprune import datasets  # noqa: F401
