@@ -11,3 +11,4 @@ from kprune.profile import latency, profile  # noqa: F401
 from kprune.pruning import prune  # noqa: F401
 from kprune import resrep  # noqa: F401
 from kprune import datasets  # noqa: F401
+from kprune.export import export  # noqa: F401

@@ -1,0 +1,387 @@
+"""Write a model as `.keras`, SavedModel and TFLite files, and check each one.
+
+Every artifact is run once on sample inputs after it is written and its
+outputs are compared with the Keras model's, so a broken conversion is caught
+where it happens rather than on a device.
+
+Example:
+
+>>> report = kprune.export(small, "out/", representative_data=x_train[:200])
+>>> report["tflite_int8"]["max_abs_diff"]
+0.0123
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+import warnings
+from typing import Iterable, Sequence
+
+import keras
+import numpy as np
+
+from kprune.errors import KprunError
+
+FORMATS = ("keras", "saved_model", "tflite")
+
+# Float artifacts run the same float32 graph; only op fusion and summation
+# order differ, so they agree to a few float32 ulps of the output's scale.
+FLOAT_RTOL = 1e-4
+FLOAT_ATOL = 1e-5
+
+# Full-integer models round every activation to one of 256 levels of its
+# calibrated range, so each layer adds an error of up to half a step
+# (range / 510) and a deep net accumulates several steps. An error above this
+# share of the reference outputs' peak-to-peak range means a broken
+# conversion, not rounding.
+INT8_TOLERANCE = 0.1
+
+_CALIBRATION_SAMPLES = 100
+
+
+# --------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------
+@contextlib.contextmanager
+def _quiet():
+    """Silence C++ and Python output on stdout/stderr; replay its tail on error.
+
+    The TFLite converter logs MLIR passes straight to file descriptors 1 and
+    2, which `contextlib.redirect_stdout` alone cannot catch.
+    """
+    import io
+    import sys
+
+    with tempfile.TemporaryFile(mode="w+b") as log:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        saved = [os.dup(1), os.dup(2)]
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+        text = io.StringIO()
+        try:
+            with contextlib.redirect_stdout(text), contextlib.redirect_stderr(text):
+                yield
+        except Exception:
+            _restore(saved)
+            log.seek(0)
+            output = text.getvalue() + log.read().decode("utf-8", "replace")
+            tail = output.strip().splitlines()[-20:]
+            if tail:
+                print("\n".join(tail), file=sys.stderr)
+            raise
+        else:
+            _restore(saved)
+
+
+def _restore(saved) -> None:
+    for fd, dup in zip((1, 2), saved):
+        os.dup2(dup, fd)
+        os.close(dup)
+
+
+def _size(path: str) -> int:
+    """Bytes of a file, or of every file under a directory."""
+    if os.path.isdir(path):
+        return sum(os.path.getsize(os.path.join(root, f))
+                   for root, _, files in os.walk(path) for f in files)
+    return os.path.getsize(path)
+
+
+def _input_shape(model: keras.Model) -> tuple:
+    if len(model.inputs) != 1 or len(model.outputs) != 1:
+        raise KprunError(f"Model '{model.name}': export checks need one input and one output "
+                         f"(it has {len(model.inputs)} and {len(model.outputs)}); pass check=False.")
+    shape = tuple(model.inputs[0].shape[1:])
+    if any(d is None for d in shape):
+        raise KprunError(f"Model '{model.name}': input shape {shape} has unknown sizes; TFLite "
+                         "and the checks need a fixed input shape.")
+    return shape
+
+
+def _samples(model: keras.Model, data, limit: int) -> np.ndarray:
+    """Up to `limit` float32 input samples from `data` (array, dataset or iterable)."""
+    shape = _input_shape(model)
+    if data is None:
+        rng = np.random.default_rng(0)
+        return rng.uniform(0.0, 1.0, size=(min(limit, 4),) + shape).astype("float32")
+    if hasattr(data, "shape"):
+        x = np.asarray(data, dtype="float32")
+    else:
+        parts, count = [], 0
+        for item in data:
+            batch = item[0] if isinstance(item, (tuple, list)) else item
+            batch = np.asarray(batch, dtype="float32")
+            parts.append(batch)
+            count += len(batch)
+            if count >= limit:
+                break
+        if not parts:
+            raise KprunError(f"Model '{model.name}': representative_data yielded no samples.")
+        x = np.concatenate(parts)
+    if x.shape[1:] != shape:
+        raise KprunError(f"Model '{model.name}': representative_data has samples of shape "
+                         f"{x.shape[1:]}, the model's input is {shape}.")
+    return x[:limit]
+
+
+def _compare(name: str, fmt: str, out: np.ndarray, ref: np.ndarray, int8: bool) -> float:
+    """Max abs difference of `out` from `ref`; KprunError if past the format's tolerance."""
+    out = np.asarray(out, dtype="float64").reshape(ref.shape)
+    diff = float(np.max(np.abs(out - ref))) if ref.size else 0.0
+    if int8:
+        span = float(np.ptp(ref)) if ref.size else 0.0
+        ok = diff <= INT8_TOLERANCE * max(span, 1e-6)
+        allowed = f"{INT8_TOLERANCE:g} x output range {span:.4g}"
+    else:
+        scale = float(np.max(np.abs(ref))) if ref.size else 0.0
+        ok = bool(np.allclose(out, ref, rtol=FLOAT_RTOL, atol=FLOAT_ATOL * max(scale, 1.0)))
+        allowed = f"rtol={FLOAT_RTOL:g}, atol={FLOAT_ATOL:g} x max(|output|, 1)"
+    if not ok:
+        raise KprunError(f"Model '{name}': the {fmt} artifact's outputs differ from the Keras "
+                         f"model's by up to {diff:.4g} (allowed: {allowed}).")
+    return diff
+
+
+# --------------------------------------------------------------------------
+# Writers
+# --------------------------------------------------------------------------
+def save_keras(model: keras.Model, path: str) -> str:
+    """Save `model` as a `.keras` file loadable by plain `keras.saving.load_model`.
+
+    Args:
+        model: The model to save.
+        path: Target file; must end in `.keras`.
+
+    Returns:
+        `path`.
+
+    Example:
+
+    >>> save_keras(small, "out/model.keras")
+    'out/model.keras'
+    """
+    if not str(path).endswith(".keras"):
+        raise KprunError(f"Model '{model.name}': a Keras file must end in '.keras', got '{path}'.")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    model.save(path)
+    return str(path)
+
+
+def save_saved_model(model: keras.Model, path: str) -> str:
+    """Export `model` as a TensorFlow SavedModel directory (`serve` endpoint).
+
+    Args:
+        model: The model to export.
+        path: Target directory.
+
+    Returns:
+        `path`.
+
+    Example:
+
+    >>> save_saved_model(small, "out/saved_model")
+    'out/saved_model'
+    """
+    with _quiet():
+        model.export(str(path), format="tf_saved_model", verbose=False)
+    return str(path)
+
+
+def tflite_bytes(model: keras.Model, representative_data=None) -> bytes:
+    """Convert `model` to a TFLite flatbuffer.
+
+    Args:
+        model: A model with a fixed input shape.
+        representative_data: Calibration inputs (an array of samples, a
+            `tf.data.Dataset` or an iterable of batches, `(x, y)` pairs
+            allowed). When given, the model is fully integer-quantised: int8
+            weights and activations, float32 input and output.
+
+    Returns:
+        The flatbuffer bytes.
+
+    Example:
+
+    >>> open("small.tflite", "wb").write(tflite_bytes(small))
+    """
+    import tensorflow as tf
+
+    with _quiet():  # builds a temporary SavedModel and prints its endpoints
+        converter = tf.lite.TFLiteConverter.from_keras_model(model)
+    if representative_data is not None:
+        calibration = _samples(model, representative_data, _CALIBRATION_SAMPLES)
+
+        def gen():
+            for sample in calibration:
+                yield [sample[None]]
+
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.representative_dataset = gen
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    with _quiet(), warnings.catch_warnings():
+        # Float input/output on an int8 model is intended: no input statistics.
+        warnings.filterwarnings("ignore", message="Statistics for quantized inputs")
+        return converter.convert()
+
+
+def save_tflite(model: keras.Model, path: str, representative_data=None) -> str:
+    """Write `tflite_bytes(model, representative_data)` to `path`.
+
+    Returns:
+        `path`.
+
+    Example:
+
+    >>> save_tflite(small, "out/model_int8.tflite", representative_data=x_train[:100])
+    'out/model_int8.tflite'
+    """
+    content = tflite_bytes(model, representative_data)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(content)
+    return str(path)
+
+
+# --------------------------------------------------------------------------
+# Runners
+# --------------------------------------------------------------------------
+def tflite_interpreter(path: str):
+    """A TFLite interpreter for `path`: `ai_edge_litert` if installed, else `tf.lite`."""
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+    except ImportError:  # pragma: no cover - depends on the environment
+        import tensorflow as tf
+
+        Interpreter = tf.lite.Interpreter
+    with _quiet():  # the runtime announces its CPU delegate on stderr
+        return Interpreter(model_path=str(path))
+
+
+def run_tflite(path: str, x: np.ndarray) -> np.ndarray:
+    """Run the single-input TFLite model at `path` on every sample of `x`.
+
+    Args:
+        path: A `.tflite` file.
+        x: A batch of inputs; the model runs one sample at a time.
+
+    Returns:
+        The outputs stacked on a batch axis, as float32 (dequantised if the
+        model's output is integer).
+
+    Example:
+
+    >>> y = run_tflite("out/model.tflite", x_test[:8])
+    """
+    interpreter = tflite_interpreter(path)
+    inp = interpreter.get_input_details()[0]
+    out = interpreter.get_output_details()[0]
+    interpreter.resize_tensor_input(inp["index"], (1,) + tuple(x.shape[1:]))
+    with _quiet():
+        interpreter.allocate_tensors()
+    results = []
+    for sample in x:
+        value = sample[None].astype("float32")
+        if inp["dtype"] != np.float32:
+            scale, zero = inp["quantization"]
+            value = np.round(value / scale + zero).astype(inp["dtype"])
+        interpreter.set_tensor(inp["index"], value)
+        interpreter.invoke()
+        y = interpreter.get_tensor(out["index"])
+        if out["dtype"] != np.float32:
+            scale, zero = out["quantization"]
+            y = (y.astype("float32") - zero) * scale
+        results.append(y[0])
+    return np.stack(results).astype("float32")
+
+
+def run_saved_model(path: str, x: np.ndarray) -> np.ndarray:
+    """Call the `serve` endpoint of the SavedModel at `path` on `x`."""
+    import tensorflow as tf
+
+    loaded = tf.saved_model.load(str(path))
+    return np.asarray(loaded.serve(tf.constant(x, dtype=tf.float32)))
+
+
+def _run_keras_file(path: str, x: np.ndarray) -> np.ndarray:
+    loaded = keras.saving.load_model(path, safe_mode=True)
+    return np.asarray(loaded(x, training=False))
+
+
+# --------------------------------------------------------------------------
+# Entry point
+# --------------------------------------------------------------------------
+def export(model: keras.Model, path: str, formats: Sequence[str] | str = FORMATS,
+           representative_data: np.ndarray | Iterable | None = None,
+           check: bool = True) -> dict:
+    """Write `model` in several formats under `path` and check each artifact.
+
+    Files written (each only when its format is asked for):
+    `path/model.keras`; `path/saved_model/` (through `model.export`);
+    `path/model.tflite` (float32); and `path/model_int8.tflite` (full-integer
+    quantisation calibrated on `representative_data`, float input and output)
+    when `"tflite"` is asked for and `representative_data` is given.
+
+    Args:
+        model: A Keras model (pruned models are plain Keras and need nothing
+            from kprune to load).
+        path: Output directory, created if missing.
+        formats: Any of `"keras"`, `"saved_model"`, `"tflite"`.
+        representative_data: Input samples (array, `tf.data.Dataset` or
+            iterable of batches) for int8 calibration; the first batch also
+            serves as check inputs. Up to 100 samples are used.
+        check: Run every artifact on sample inputs and compare with
+            `model(x)`: float formats with `allclose` (rtol 1e-4), int8 within
+            `INT8_TOLERANCE` of the outputs' range.
+
+    Returns:
+        A dict keyed by artifact (`"keras"`, `"saved_model"`, `"tflite"`,
+        `"tflite_int8"`), each `{"path", "size", "max_abs_diff"}` (the
+        difference is `None` when `check=False`).
+
+    Raises:
+        KprunError: for an unknown format, or an artifact whose outputs differ
+            from the Keras model's beyond tolerance.
+
+    Example:
+
+    >>> report = export(small, "out", formats=["keras", "tflite"], representative_data=x[:100])
+    >>> sorted(report)
+    ['keras', 'tflite', 'tflite_int8']
+    """
+    formats = (formats,) if isinstance(formats, str) else tuple(formats)
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown or not formats:
+        raise KprunError(f"Model '{model.name}': unknown export format(s) {unknown or formats}; "
+                         f"choose from {list(FORMATS)}.")
+    os.makedirs(path, exist_ok=True)
+    x = ref = None
+    if check:
+        x = _samples(model, representative_data, 8)
+        ref = np.asarray(model(x, training=False), dtype="float64")
+
+    written = {}
+    if "keras" in formats:
+        written["keras"] = (save_keras(model, os.path.join(path, "model.keras")), _run_keras_file)
+    if "saved_model" in formats:
+        written["saved_model"] = (save_saved_model(model, os.path.join(path, "saved_model")),
+                                  run_saved_model)
+    if "tflite" in formats:
+        written["tflite"] = (save_tflite(model, os.path.join(path, "model.tflite")), run_tflite)
+        if representative_data is not None:
+            written["tflite_int8"] = (save_tflite(model, os.path.join(path, "model_int8.tflite"),
+                                                  representative_data), run_tflite)
+
+    report = {}
+    for fmt, (artifact, runner) in written.items():
+        diff = None
+        if check:
+            diff = _compare(model.name, fmt, runner(artifact, x), ref, int8=fmt == "tflite_int8")
+        report[fmt] = {"path": artifact, "size": _size(artifact), "max_abs_diff": diff}
+    return report
+
+
+__all__ = ["export", "run_saved_model", "run_tflite", "save_keras", "save_saved_model",
+           "save_tflite", "tflite_bytes", "tflite_interpreter"]
