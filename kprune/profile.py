@@ -1,10 +1,21 @@
 """Count multiply-accumulates (MACs) and parameters, and time a model.
 
-MACs are counted as papers count them: one multiply-accumulate is 1, a
-convolution costs `prod(kernel) * Cin / groups * Cout * prod(output spatial)`.
-Normalisation, activations, pooling and element-wise merges count 0, as in the
-tables of the pruning literature. Custom layers register their own counter
-with `register_macs`.
+MACs are counted as papers count them: one multiply-accumulate is 1, for one
+sample.
+
+- Conv1D/2D/3D: `prod(kernel) * Cin / groups * Cout * prod(output spatial)`.
+- Conv1D/2D/3DTranspose: `prod(kernel) * Cin * Cout * prod(input spatial)`.
+- DepthwiseConv1D/2D: `prod(kernel) * Cin * multiplier * prod(output spatial)`.
+- SeparableConv1D/2D: the depthwise part plus a pointwise `Cin * multiplier * Cout`
+  per output position.
+- Dense: `inputs * units * prod(leading non-batch axes)`.
+- SimpleRNN/GRU/LSTM: `gates * units * (features + units)` per time step
+  (1, 3 and 4 gates); Bidirectional counts both directions, TimeDistributed
+  its layer once per step.
+
+Normalisation, activations, pooling, biases and element-wise merges count 0,
+as in the tables of the pruning literature. Layer types without a counter
+count 0; custom layers register theirs with `register_macs`.
 """
 
 from __future__ import annotations
@@ -83,6 +94,17 @@ def _rnn(layer, ins, outs):
     return _prod([steps]) * gates * units * (int(features) + units)
 
 
+def _bidirectional(layer, ins, outs):
+    return sum(layer_macs(inner, ins, [inner.compute_output_shape(ins[0])])
+               for inner in (layer.forward_layer, layer.backward_layer))
+
+
+def _time_distributed(layer, ins, outs):
+    step_in = (ins[0][0],) + tuple(ins[0][2:])
+    step_out = (outs[0][0],) + tuple(outs[0][2:])
+    return _prod([ins[0][1]]) * layer_macs(layer.layer, [step_in], [step_out])
+
+
 def _register_defaults():
     L = keras.layers
     for cls in (L.Conv1D, L.Conv2D, L.Conv3D):
@@ -96,6 +118,8 @@ def _register_defaults():
     register_macs(L.Dense, _dense)
     for cls in (L.SimpleRNN, L.GRU, L.LSTM):
         register_macs(cls, _rnn)
+    register_macs(L.Bidirectional, _bidirectional)
+    register_macs(L.TimeDistributed, _time_distributed)
 
 
 _register_defaults()

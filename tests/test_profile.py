@@ -27,7 +27,21 @@ def _single(layer, shape):
     (L.Dense(6), (4,), 24),
     (L.Dense(6), (3, 4), 72),
     (L.LSTM(5), (7, 3), 7 * 4 * 5 * (3 + 5)),
+    (L.GRU(4), (6, 3), 6 * 3 * 4 * (3 + 4)),
+    (L.SimpleRNN(4, return_sequences=True), (6, 3), 6 * 1 * 4 * (3 + 4)),
+    (L.Bidirectional(L.LSTM(5)), (7, 3), 2 * 7 * 4 * 5 * (3 + 5)),
+    (L.TimeDistributed(L.Conv2D(4, 3)), (5, 6, 6, 2), 5 * 9 * 2 * 4 * 16),
+    (L.Conv1DTranspose(3, 3, strides=2), (5, 2), 3 * 2 * 3 * 5),
+    (L.Conv3DTranspose(2, 2), (2, 2, 2, 3), 8 * 3 * 2 * 8),
+    (L.DepthwiseConv1D(3, depth_multiplier=2), (10, 3), 3 * 6 * 8),
+    (L.SeparableConv1D(4, 3), (10, 2), (3 * 2 + 2 * 4) * 8),
+    (L.Conv2D(8, 3, padding="same", data_format="channels_first"), (4, 6, 5), 9 * 4 * 8 * 30),
+    (L.Conv2DTranspose(3, 2, strides=2, data_format="channels_first"), (2, 4, 5), 4 * 2 * 3 * 20),
+    (L.DepthwiseConv2D(3, data_format="channels_first"), (3, 5, 6), 9 * 3 * 12),
+    (L.SeparableConv2D(7, 3, data_format="channels_first"), (3, 5, 6), (9 * 3 + 3 * 7) * 12),
     (L.BatchNormalization(), (4, 4, 3), 0),
+    (L.MaxPooling2D(), (4, 4, 3), 0),
+    (L.ReLU(), (4, 4, 3), 0),
 ])
 def test_hand_computed_macs(layer, shape, expected):
     assert profile(_single(layer, shape)).macs == expected
@@ -37,6 +51,36 @@ def test_hand_computed_macs(layer, shape, expected):
 def test_params_equal_count_params(family):
     model = archs.FAMILIES[family]()
     assert profile(model).params == model.count_params()
+
+
+@pytest.mark.parametrize("name", ["MobileNetV2", "EfficientNetB0", "ConvNeXtTiny"])
+def test_params_equal_count_params_on_applications(name):
+    # ConvNeXt nests a Sequential model: its layers are reached through walk().
+    model = getattr(keras.applications, name)(weights=None, input_shape=(32, 32, 3))
+    p = profile(model)
+    assert p.params == model.count_params()
+    assert p.macs == sum(r.macs for r in p.layers) > 0
+
+
+def test_nested_model_counts_inner_layers():
+    inner = keras.Sequential([keras.Input((6, 6, 3)), L.Conv2D(4, 3, padding="same"),
+                              L.BatchNormalization()], name="inner")
+    inp = keras.Input((6, 6, 3))
+    out = L.Dense(5)(L.Flatten()(inner(inp)))
+    model = keras.Model(inp, out)
+    p = profile(model)
+    assert p.macs == 9 * 3 * 4 * 36 + 144 * 5
+    assert p.params == model.count_params()
+    assert [r.class_name for r in p.layers][:2] == ["Conv2D", "BatchNormalization"]
+
+
+def test_shared_layer_counts_macs_per_call_and_params_once():
+    shared = L.Dense(4)
+    a, b = keras.Input((3,)), keras.Input((3,))
+    model = keras.Model([a, b], L.Add()([shared(a), shared(b)]))
+    p = profile(model)
+    assert p.macs == 2 * 3 * 4
+    assert p.params == model.count_params() == 16
 
 
 def test_mobilenet_v2_matches_the_paper():
