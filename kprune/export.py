@@ -17,7 +17,7 @@ import contextlib
 import os
 import tempfile
 import warnings
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import keras
 import numpy as np
@@ -32,10 +32,11 @@ FLOAT_RTOL = 1e-4
 FLOAT_ATOL = 1e-5
 
 # Full-integer models round every activation to one of 256 levels of its
-# calibrated range, so each layer adds an error of up to half a step
-# (range / 510) and a deep net accumulates several steps. An error above this
-# share of the reference outputs' peak-to-peak range means a broken
-# conversion, not rounding.
+# calibrated range (TFLite ranges always include 0), so each layer adds an
+# error of up to half a step (range / 510) and a deep net accumulates several
+# steps; a softmax output alone is fixed to steps of 1/256. An error above this
+# share of the outputs' range (taken, like TFLite's, to include 0) means a
+# broken conversion, not rounding: 0.1 allows about 25 output steps.
 INT8_TOLERANCE = 0.1
 
 _CALIBRATION_SAMPLES = 100
@@ -127,18 +128,26 @@ def _samples(model: keras.Model, data, limit: int) -> np.ndarray:
     return x[:limit]
 
 
-def _compare(name: str, fmt: str, out: np.ndarray, ref: np.ndarray, int8: bool) -> float:
+def _zero_span(values: np.ndarray) -> float:
+    """Width of the smallest interval holding `values` and 0 (a TFLite quantisation range)."""
+    if not values.size:
+        return 0.0
+    return float(max(values.max(), 0.0) - min(values.min(), 0.0))
+
+
+def _compare(name: str, fmt: str, out: np.ndarray, ref: np.ndarray, rtol: float,
+             atol: float, int8_tolerance: float) -> float:
     """Max abs difference of `out` from `ref`; KprunError if past the format's tolerance."""
     out = np.asarray(out, dtype="float64").reshape(ref.shape)
     diff = float(np.max(np.abs(out - ref))) if ref.size else 0.0
-    if int8:
-        span = float(np.ptp(ref)) if ref.size else 0.0
-        ok = diff <= INT8_TOLERANCE * max(span, 1e-6)
-        allowed = f"{INT8_TOLERANCE:g} x output range {span:.4g}"
+    if fmt == "tflite_int8":
+        span = _zero_span(ref)
+        ok = diff <= int8_tolerance * max(span, 1e-6)
+        allowed = f"{int8_tolerance:g} x output range {span:.4g}"
     else:
         scale = float(np.max(np.abs(ref))) if ref.size else 0.0
-        ok = bool(np.allclose(out, ref, rtol=FLOAT_RTOL, atol=FLOAT_ATOL * max(scale, 1.0)))
-        allowed = f"rtol={FLOAT_RTOL:g}, atol={FLOAT_ATOL:g} x max(|output|, 1)"
+        ok = bool(np.allclose(out, ref, rtol=rtol, atol=atol * max(scale, 1.0)))
+        allowed = f"rtol={rtol:g}, atol={atol:g} x max(|output|, 1)"
     if not ok:
         raise KprunError(f"Model '{name}': the {fmt} artifact's outputs differ from the Keras "
                          f"model's by up to {diff:.4g} (allowed: {allowed}).")
@@ -311,11 +320,64 @@ def _run_keras_file(path: str, x: np.ndarray) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------
-# Entry point
+# Entry points
 # --------------------------------------------------------------------------
+# Lambdas look the runners up when called, so a replaced module attribute is used.
+_RUNNERS = {"keras": lambda p, x: _run_keras_file(p, x),
+            "saved_model": lambda p, x: run_saved_model(p, x),
+            "tflite": lambda p, x: run_tflite(p, x),
+            "tflite_int8": lambda p, x: run_tflite(p, x)}
+ARTIFACTS = tuple(_RUNNERS)
+
+
+def check_artifacts(model: keras.Model, artifacts: Mapping[str, str], data=None,
+                    rtol: float = FLOAT_RTOL, atol: float = FLOAT_ATOL,
+                    int8_tolerance: float = INT8_TOLERANCE) -> dict:
+    """Run written artifacts on sample inputs and compare them with `model`.
+
+    Float artifacts must satisfy `allclose(out, ref, rtol, atol * max(|ref|, 1))`;
+    the int8 TFLite artifact must stay within `int8_tolerance` times the
+    range of the reference outputs and 0 (`max(ref, 0) - min(ref, 0)`).
+
+    Args:
+        model: The Keras model the artifacts were written from (one input,
+            one output, fixed input shape).
+        artifacts: `{kind: path}` with kinds from `"keras"`, `"saved_model"`,
+            `"tflite"`, `"tflite_int8"`.
+        data: Input samples (array, `tf.data.Dataset` or iterable of batches);
+            the first 8 are used. Random inputs in [0, 1) when `None`.
+        rtol: Relative tolerance of float artifacts.
+        atol: Absolute tolerance of float artifacts, per unit of the largest
+            absolute reference output (at least 1).
+        int8_tolerance: Allowed error of the int8 artifact, as a share of the
+            range of the reference outputs and 0.
+
+    Returns:
+        `{kind: max abs difference}`.
+
+    Raises:
+        KprunError: for an unknown kind or an artifact beyond tolerance.
+
+    Example:
+
+    >>> check_artifacts(model, {"tflite": "out/model.tflite"})
+    {'tflite': 2.3e-07}
+    """
+    unknown = [k for k in artifacts if k not in _RUNNERS]
+    if unknown:
+        raise KprunError(f"Model '{model.name}': unknown artifact kind(s) {unknown}; "
+                         f"choose from {list(ARTIFACTS)}.")
+    x = _samples(model, data, 8)
+    ref = np.asarray(model(x, training=False), dtype="float64")
+    return {kind: _compare(model.name, kind, _RUNNERS[kind](path, x), ref, rtol, atol,
+                           int8_tolerance)
+            for kind, path in artifacts.items()}
+
+
 def export(model: keras.Model, path: str, formats: Sequence[str] | str = FORMATS,
            representative_data: np.ndarray | Iterable | None = None,
-           check: bool = True) -> dict:
+           check: bool = True, rtol: float = FLOAT_RTOL, atol: float = FLOAT_ATOL,
+           int8_tolerance: float = INT8_TOLERANCE) -> dict:
     """Write `model` in several formats under `path` and check each artifact.
 
     Files written (each only when its format is asked for):
@@ -330,11 +392,14 @@ def export(model: keras.Model, path: str, formats: Sequence[str] | str = FORMATS
         path: Output directory, created if missing.
         formats: Any of `"keras"`, `"saved_model"`, `"tflite"`.
         representative_data: Input samples (array, `tf.data.Dataset` or
-            iterable of batches) for int8 calibration; the first batch also
-            serves as check inputs. Up to 100 samples are used.
+            iterable of batches) for int8 calibration; the first 8 also
+            serve as check inputs. Up to 100 samples are used.
         check: Run every artifact on sample inputs and compare with
-            `model(x)`: float formats with `allclose` (rtol 1e-4), int8 within
-            `INT8_TOLERANCE` of the outputs' range.
+            `model(x)` (see `check_artifacts`).
+        rtol: Relative tolerance of the float artifacts.
+        atol: Absolute tolerance of the float artifacts, per unit of the
+            largest absolute output (at least 1).
+        int8_tolerance: Allowed int8 error as a share of the outputs' range.
 
     Returns:
         A dict keyed by artifact (`"keras"`, `"saved_model"`, `"tflite"`,
@@ -356,32 +421,25 @@ def export(model: keras.Model, path: str, formats: Sequence[str] | str = FORMATS
     if unknown or not formats:
         raise KprunError(f"Model '{model.name}': unknown export format(s) {unknown or formats}; "
                          f"choose from {list(FORMATS)}.")
-    os.makedirs(path, exist_ok=True)
-    x = ref = None
     if check:
-        x = _samples(model, representative_data, 8)
-        ref = np.asarray(model(x, training=False), dtype="float64")
-
+        _samples(model, representative_data, 8)  # refuse bad shapes before writing anything
+    os.makedirs(path, exist_ok=True)
     written = {}
     if "keras" in formats:
-        written["keras"] = (save_keras(model, os.path.join(path, "model.keras")), _run_keras_file)
+        written["keras"] = save_keras(model, os.path.join(path, "model.keras"))
     if "saved_model" in formats:
-        written["saved_model"] = (save_saved_model(model, os.path.join(path, "saved_model")),
-                                  run_saved_model)
+        written["saved_model"] = save_saved_model(model, os.path.join(path, "saved_model"))
     if "tflite" in formats:
-        written["tflite"] = (save_tflite(model, os.path.join(path, "model.tflite")), run_tflite)
+        written["tflite"] = save_tflite(model, os.path.join(path, "model.tflite"))
         if representative_data is not None:
-            written["tflite_int8"] = (save_tflite(model, os.path.join(path, "model_int8.tflite"),
-                                                  representative_data), run_tflite)
-
-    report = {}
-    for fmt, (artifact, runner) in written.items():
-        diff = None
-        if check:
-            diff = _compare(model.name, fmt, runner(artifact, x), ref, int8=fmt == "tflite_int8")
-        report[fmt] = {"path": artifact, "size": _size(artifact), "max_abs_diff": diff}
-    return report
+            written["tflite_int8"] = save_tflite(model, os.path.join(path, "model_int8.tflite"),
+                                                 representative_data)
+    diffs = {}
+    if check:
+        diffs = check_artifacts(model, written, representative_data, rtol, atol, int8_tolerance)
+    return {kind: {"path": artifact, "size": _size(artifact), "max_abs_diff": diffs.get(kind)}
+            for kind, artifact in written.items()}
 
 
-__all__ = ["export", "run_saved_model", "run_tflite", "save_keras", "save_saved_model",
+__all__ = ["check_artifacts", "export", "run_saved_model", "run_tflite", "save_keras", "save_saved_model",
            "save_tflite", "tflite_bytes", "tflite_interpreter"]

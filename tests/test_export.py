@@ -85,7 +85,7 @@ def test_int8_artifact_is_integer_and_close(exported):
     assert interpreter.get_input_details()[0]["dtype"] == np.float32
     x = _data(6)
     ref = np.asarray(model(x, training=False))
-    span = np.ptp(ref)
+    span = max(ref.max(), 0) - min(ref.min(), 0)  # TFLite ranges include 0
     np.testing.assert_allclose(run_tflite(out / "model_int8.tflite", x), ref, rtol=0,
                                atol=export_module.INT8_TOLERANCE * span)
     assert 0.0 < report["tflite_int8"]["max_abs_diff"] <= export_module.INT8_TOLERANCE * span
@@ -119,6 +119,26 @@ def test_check_raises_on_mismatch(tmp_path, monkeypatch):
     monkeypatch.setattr(export_module, "run_tflite", broken)
     with pytest.raises(KprunError, match="net.*tflite artifact.*differ"):
         export(_net(), str(tmp_path), formats=["tflite"])
+
+
+def test_tolerances_are_arguments(exported, tmp_path):
+    model, out, report = exported
+    with pytest.raises(KprunError, match="tflite_int8 artifact.*differ"):
+        export_module.check_artifacts(model, {"tflite_int8": out / "model_int8.tflite"},
+                                      _data(), int8_tolerance=0.0)
+    loose = export(model, str(tmp_path), formats=["tflite"], rtol=1e-2, atol=1e-2)
+    assert loose["tflite"]["max_abs_diff"] < 1e-4
+
+
+def test_check_artifacts_catches_an_artifact_of_another_model(exported):
+    model, out, _ = exported
+    keras.utils.set_random_seed(7)
+    other = _randomized(_net())  # same architecture, other random weights
+    with pytest.raises(KprunError, match="net.*keras artifact.*differ"):
+        export_module.check_artifacts(other, {"keras": out / "model.keras"})
+    assert export_module.check_artifacts(model, {"keras": out / "model.keras"}) == {"keras": 0.0}
+    with pytest.raises(KprunError, match="unknown artifact kind"):
+        export_module.check_artifacts(model, {"onnx": out / "model.onnx"})
 
 
 def test_check_false_skips_comparison(tmp_path, monkeypatch):
