@@ -148,8 +148,10 @@ def fpgm(layer: keras.layers.Layer) -> np.ndarray:
     >>> fpgm(model.get_layer("conv2d"))
     """
     w = filters(layer)
-    diff = w[:, None, :] - w[None, :, :]
-    return np.sqrt((diff ** 2).sum(axis=-1)).sum(axis=1)
+    sq = (w ** 2).sum(axis=1)
+    dist2 = sq[:, None] + sq[None, :] - 2.0 * (w @ w.T)  # |a - b|^2 without an (n, n, k) array
+    np.fill_diagonal(dist2, 0.0)
+    return np.sqrt(np.maximum(dist2, 0.0)).sum(axis=1)
 
 
 def orthogonality(layer: keras.layers.Layer) -> np.ndarray:
