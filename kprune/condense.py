@@ -184,9 +184,12 @@ class CondenseScheduler(keras.callbacks.Callback):
         self.progress = min(1.0, (self._epoch * self._steps + int(batch)) / self._total)
         steps = condense(self.model, self.progress, self._layers)
         if steps and self.verbose:
-            stages = sorted({layer.stage for layer in self._layers})
+            stages: dict = {}
+            for layer in self._layers:
+                stages.setdefault(type(layer).__name__, set()).add(layer.stage)
+            now = ", ".join(f"{name} {sorted(s)}" for name, s in stages.items())
             print(f"\nCondenseScheduler: progress {self.progress:.3f}, {steps} condensing "
-                  f"steps, stages now {stages}")
+                  f"steps; stages now: {now}")
 
 
 # ---------------------------------------------------------------------------
