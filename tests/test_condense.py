@@ -26,10 +26,10 @@ def _np(x):
     return np.asarray(keras.ops.convert_to_numpy(x))
 
 
-def _randomize(model, seed=0):
+def _randomize(model_or_layer, seed=0):
     """Random kernels and BN statistics; masks and stages are left alone."""
     rng = np.random.default_rng(seed)
-    for var in model.weights:
+    for var in model_or_layer.weights:
         name = var.path.split("/")[-1]
         if name in ("mask", "stage"):
             continue
@@ -112,22 +112,10 @@ def test_learned_group_conv_matches_numpy_after_condensing():
     x = _rand(2, 4, 4, 8)
     layer = LearnedGroupConv(12, groups=3, condense_factor=4)
     layer.build(x.shape)
-    _randomize_layer(layer)
+    _randomize(layer)
     layer.condense_step()
     np.testing.assert_allclose(_np(layer(x, training=False)), _reference_lgc(layer, x),
                                rtol=1e-5, atol=1e-5)
-
-
-def _randomize_layer(layer, seed=1):
-    rng = np.random.default_rng(seed)
-    for var in layer.weights:
-        name = var.path.split("/")[-1]
-        if name in ("mask", "stage"):
-            continue
-        value = rng.normal(0.0, 0.5, size=tuple(var.shape))
-        if name == "moving_variance":
-            value = np.abs(value) + 0.5
-        var.assign(value.astype(var.dtype))
 
 
 @pytest.mark.parametrize("groups, condense_factor", [(4, 4), (2, 4), (4, 2), (3, 3)])
@@ -135,7 +123,7 @@ def test_each_stage_keeps_in_channels_times_one_minus_k_over_c(groups, condense_
     in_channels = 12
     layer = LearnedGroupConv(6 * groups, groups=groups, condense_factor=condense_factor)
     layer.build((None, 4, 4, in_channels))
-    _randomize_layer(layer)
+    _randomize(layer)
     for k in range(1, condense_factor):
         before = layer.kept_inputs()
         scores = layer.importance()
@@ -174,7 +162,7 @@ def test_lasso_penalty_matches_numpy_and_stops_at_last_stage():
     layer = LearnedGroupConv(8, groups=2, condense_factor=3, group_lasso=0.1)
     x = _rand(2, 3, 3, 6)
     layer.build(x.shape)
-    _randomize_layer(layer)
+    _randomize(layer)
     for stage in range(3):
         kernel = _np(layer.kernel)[0, 0] * _np(layer.kernel_mask())[0, 0]
         expected = sum(np.sqrt((kernel[i, g::2] ** 2).sum())
@@ -187,7 +175,7 @@ def test_lasso_penalty_matches_numpy_and_stops_at_last_stage():
     inputs = keras.Input((3, 3, 6))
     model = keras.Model(inputs, LearnedGroupConv(8, groups=2, group_lasso=0.1)(inputs))
     lgc = model.layers[-1]
-    _randomize_layer(lgc)
+    _randomize(lgc)
     model(x)
     np.testing.assert_allclose(float(_np(model.losses[0])), 0.1 * float(_np(lgc.lasso_penalty())),
                                rtol=1e-5)
@@ -209,7 +197,7 @@ def test_learned_group_conv_roundtrip_keeps_mask_and_stage(tmp_path):
     model = keras.Model(inputs, LearnedGroupConv(8, groups=2, condense_factor=4,
                                                  dropout_rate=0.2, group_lasso=1e-3)(inputs))
     layer = model.layers[-1]
-    _randomize_layer(layer)
+    _randomize(layer)
     layer.condense_step()
     layer.condense_step()
     loaded = _roundtrip(model, tmp_path)
