@@ -1,0 +1,3 @@
+"""Training with kprune's update rules: a GradientTape Trainer and a model.fit optimizer wrapper."""
+
+from kprune.train.optimizer import RuleOptimizer, bind  # noqa: F401
