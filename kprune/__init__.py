@@ -12,3 +12,4 @@ from kprune.pruning import prune  # noqa: F401
 from kprune import resrep  # noqa: F401
 from kprune import datasets  # noqa: F401
 from kprune.export import export  # noqa: F401
+from kprune.train import Trainer  # noqa: F401
