@@ -155,12 +155,30 @@ class RuleOptimizer(keras.optimizers.Optimizer):
         groups = [[] for _ in self.optimizers]
         for variable in var_list:
             groups[owner.get(id(variable), 0)].append(variable)
+        if _in_strategy_scope():
+            self._recreate_in_scope()
         for optimizer, group in zip(self.optimizers, groups):
             if not optimizer.built:
                 optimizer.build(group)
         # Only ids are kept: an attribute holding variables would be tracked as the wrapper's own.
         self._owner = {id(v): k for k, group in enumerate(groups) for v in group}
         super().build(var_list)
+
+    def _recreate_in_scope(self) -> None:
+        """Re-create the inner optimizers not built yet, so their state is made in this scope.
+
+        A TensorFlow optimizer keeps the strategy it was created under, and
+        its variables must be created in that strategy's scope.
+        """
+        def fresh(optimizer):
+            if optimizer.built:
+                return optimizer
+            return keras.saving.deserialize_keras_object(
+                keras.saving.serialize_keras_object(optimizer))
+
+        self.inner_optimizer = fresh(self.inner_optimizer)
+        self._extras = [(selector, fresh(optimizer)) for selector, optimizer in self._extras]
+        self.extra_optimizers = [optimizer for _, optimizer in self._extras]
 
     @property
     def variables(self) -> list:
@@ -266,6 +284,14 @@ class RuleOptimizer(keras.optimizers.Optimizer):
             e["optimizer"], custom_objects=custom_objects))
             for e in config.pop("extra_optimizers", [])]
         return cls(optimizer, rules, extras, **config)
+
+
+def _in_strategy_scope() -> bool:
+    if keras.backend.backend() != "tensorflow":
+        return False
+    import tensorflow as tf
+
+    return tf.distribute.has_strategy()
 
 
 def bind(model: keras.Model) -> keras.Model:

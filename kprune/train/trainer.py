@@ -61,6 +61,7 @@ class Trainer:
             raise KprunError(f"Trainer: `model` must be a keras.Model, got {type(model).__name__}.")
         self.model = model
         self.strategy = strategy or model.distribute_strategy
+        self._check_scope()
         with self.strategy.scope():
             if isinstance(optimizer, RuleOptimizer):
                 if rules or extra_optimizers:
@@ -73,6 +74,14 @@ class Trainer:
             self._loss = keras.metrics.Mean(name="loss")
         self._train_function = None
         self._test_function = None
+
+    def _check_scope(self) -> None:
+        outside = [v.path for v in self.model.variables
+                   if not self.strategy.extended.variable_created_in_scope(v.value)]
+        if outside:
+            raise KprunError(f"Trainer: model '{self.model.name}' was built outside the scope of "
+                             f"the strategy (variable '{outside[0]}'); build or load it under "
+                             "`with strategy.scope():`.")
 
     # ------------------------------------------------------------------
     # Steps
@@ -262,7 +271,8 @@ class Trainer:
         model = self.model
         if not model.built:
             x, _, _ = keras.utils.unpack_x_y_sample_weight(next(iter(dataset)))
-            model(x, training=False)
+            with self.strategy.scope():
+                model(x, training=False)
         if not self.optimizer.built:
             with self.strategy.scope():
                 self.optimizer.build(model.trainable_variables)
