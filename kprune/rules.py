@@ -29,6 +29,7 @@ Example:
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Iterable, Sequence
 
 import keras
@@ -110,30 +111,24 @@ def _replicas() -> int:
 
 
 def _check_number(owner: str, name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) \
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) \
             or not math.isfinite(float(value)) or value < 0:
         raise KprunError(f"{owner}: `{name}` must be a finite number >= 0, got {value!r}.")
     return float(value)
 
 
-def channel_norms(x, axis: int = -1):
-    """L2 norm of every slice of `x` along `axis` (over all the other axes).
-
-    Args:
-        x: A tensor.
-        axis: The channel axis.
-
-    Returns:
-        A tensor shaped like `x` with every axis but `axis` of size 1, so it
-        broadcasts against `x`.
-
-    Example:
-
-    >>> channel_norms(np.array([[3.0, 0.0], [4.0, 1.0]]))  # [[5.0, 1.0]]
-    """
+def _lasso_gradient(x, axis: int):
+    """`x / ||x_j||_2` for every slice `j` of `axis` (norm over the other axes), 0 at 0."""
     rank = len(x.shape)
     other = tuple(i for i in range(rank) if i != axis % rank)
-    return ops.sqrt(ops.sum(ops.square(x), axis=other, keepdims=True))
+    norms = ops.sqrt(ops.sum(ops.square(x), axis=other, keepdims=True))
+    return x / ops.maximum(norms, _EPSILON)
+
+
+def _check_axis(owner: str, axis) -> int:
+    if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
+        raise KprunError(f"{owner}: `axis` must be an int, got {axis!r}.")
+    return int(axis)
 
 
 def _along(vector, rank: int, axis: int):
@@ -157,17 +152,36 @@ class Rule:
     of every other variable pass unchanged.
 
     Slots may hold variables or variable paths. A rule with paths (restored
-    from its config) is unbound until `bind` finds the variables.
+    from its config) is unbound until `bind` finds the variables. Rules
+    whose slots hold one variable also take a predicate `fn(variable) ->
+    bool` instead of a list: it picks among the variables the rule is
+    called with, and `bind` (done by `RuleOptimizer` when it is built)
+    fixes the choice, so that the rule can be saved.
 
     Args:
-        slots: A list of tuples of variables or paths, all of one length.
+        slots: A list of tuples of variables or paths, all of one length,
+            or a predicate (one-variable slots only).
         slot_names: What each position of a slot holds (for messages).
     """
 
     slot_names: tuple = ("variable",)
 
-    def __init__(self, slots: Iterable):
-        slots = [tuple(s) if isinstance(s, (tuple, list)) else (s,) for s in slots]
+    def __init__(self, slots):
+        self._predicate = None
+        if callable(slots) and not isinstance(slots, (list, tuple)) and not _is_variable(slots):
+            if len(self.slot_names) != 1:
+                raise KprunError(f"{self._name()}: give a list of "
+                                 f"({', '.join(self.slot_names)}) entries, not a predicate.")
+            self._predicate, self._paths, self._slots = slots, None, None
+            return
+        if isinstance(slots, (str, bytes)) or _is_variable(slots):
+            raise KprunError(f"{self._name()}: expected a list of "
+                             f"{' and '.join(self.slot_names)} entries, got {slots!r}.")
+        try:
+            slots = [tuple(s) if isinstance(s, (tuple, list)) else (s,) for s in slots]
+        except TypeError:
+            raise KprunError(f"{self._name()}: expected a list of "
+                             f"{' and '.join(self.slot_names)} entries, got {slots!r}.") from None
         for slot in slots:
             if len(slot) != len(self.slot_names):
                 raise KprunError(f"{self._name()}: every entry must hold "
@@ -189,7 +203,7 @@ class Rule:
 
     @property
     def bound(self) -> bool:
-        """Whether the rule holds its variables (not only their paths)."""
+        """Whether the rule holds its variables (not only their paths or a predicate)."""
         return self._slots is not None
 
     @property
@@ -201,6 +215,10 @@ class Rule:
     @property
     def paths(self) -> list:
         """The paths of the variables whose gradients the rule changes."""
+        if self._paths is None:
+            raise KprunError(f"{self._name()} selects its variables with a predicate and is not "
+                             "bound yet: call `bind(model)` (a RuleOptimizer does it when it is "
+                             "built) before saving it.")
         return [slot[0] for slot in self._paths]
 
     def check_slot(self, *slot) -> None:
@@ -215,7 +233,7 @@ class Rule:
         return None
 
     def bind(self, source, strict: bool = True) -> "Rule":
-        """Find the rule's variables by path in `source`.
+        """Find the rule's variables in `source`: by path, or with the rule's predicate.
 
         Args:
             source: A model, a layer or a list of variables.
@@ -233,6 +251,14 @@ class Rule:
         >>> restored = ResRepRule.from_config(rule.get_config()).bind(loaded_model)
         """
         candidates = _variables_of(source)
+        if self._predicate is not None:
+            slots = [(v,) for v in candidates if self._predicate(v)]
+            for slot in slots:
+                self.check_slot(*slot)
+            self._slots = slots
+            self._paths = [(v.path,) for (v,) in slots]
+            self._predicate = None
+            return self
         slots = []
         for paths in self._paths:
             slot = tuple(find_variable(p, candidates) for p in paths)
@@ -250,9 +276,20 @@ class Rule:
 
     def _check_bound(self) -> None:
         if self._slots is None:
-            raise KprunError(f"{self._name()} is not bound to its variables (it was restored "
-                             "from a config): call `bind(model)` first, or "
-                             "`kprune.train.bind(model)` for a compiled model.")
+            how = ("selects its variables with a predicate" if self._predicate is not None
+                   else "was restored from a config")
+            raise KprunError(f"{self._name()} is not bound to its variables (it {how}): call "
+                             "`bind(model)` first, or `kprune.train.bind(model)` for a "
+                             "compiled model.")
+
+    def _current_slots(self, variables: list) -> list:
+        if self._slots is None and self._predicate is not None:
+            slots = [(v,) for v in variables if self._predicate(v)]
+            for slot in slots:
+                self.check_slot(*slot)
+            return slots
+        self._check_bound()
+        return self._slots
 
     def __call__(self, grads: Sequence, variables: Sequence) -> list:
         """Transform `grads`, the gradients of `variables` (matched one to one).
@@ -268,8 +305,7 @@ class Rule:
         if len(grads) != len(variables):
             raise KprunError(f"{self._name()}: got {len(grads)} gradients for "
                              f"{len(variables)} variables.")
-        self._check_bound()
-        where = {id(slot[0]): slot for slot in self._slots}
+        where = {id(slot[0]): slot for slot in self._current_slots(variables)}
         replicas = _replicas()
         out = []
         for grad, variable in zip(grads, variables):
@@ -392,7 +428,7 @@ class MaskRule(Rule):
     slot_names = ("variable", "mask")
 
     def __init__(self, pairs: Sequence, axis: int = -1):
-        self.axis = int(axis)
+        self.axis = _check_axis(type(self).__name__, axis)
         super().__init__(pairs)
 
     def check_slot(self, variable, mask) -> None:
@@ -421,18 +457,20 @@ class GroupLassoRule(Rule):
     weights are all zero gets zero.
 
     Args:
-        variables: Variables (or paths) to penalise.
         lam: Strength, a finite number >= 0.
+        variables: Variables (or paths) to penalise, or a predicate
+            `fn(variable) -> bool`.
         axis: The output-channel axis.
 
     Example:
 
-    >>> rule = GroupLassoRule([layer.kernel for layer in convs], lam=1e-4)
+    >>> rule = GroupLassoRule(1e-4, [layer.kernel for layer in convs])
+    >>> rule = GroupLassoRule(1e-4, lambda v: v.path.endswith("_compactor/kernel"))
     """
 
-    def __init__(self, variables: Sequence, lam: float = 1e-4, axis: int = -1):
+    def __init__(self, lam: float, variables, axis: int = -1):
         self.lam = _check_number(type(self).__name__, "lam", lam)
-        self.axis = int(axis)
+        self.axis = _check_axis(type(self).__name__, axis)
         super().__init__(variables)
 
     def check_slot(self, variable) -> None:
@@ -442,39 +480,47 @@ class GroupLassoRule(Rule):
                              f"'{variable.path}' of shape {tuple(variable.shape)}.")
 
     def penalty(self, variable):
-        value = ops.convert_to_tensor(variable)
-        norms = channel_norms(value, self.axis)
-        return self.lam * value / ops.maximum(norms, _EPSILON)
+        return self.lam * _lasso_gradient(ops.convert_to_tensor(variable), self.axis)
 
     def get_config(self) -> dict:
-        return {"variables": self.paths, "lam": self.lam, "axis": self.axis}
+        return {"lam": self.lam, "variables": self.paths, "axis": self.axis}
 
 
 @keras.saving.register_keras_serializable(package="kprune")
 class ResRepRule(Rule):
-    """ResRep's Res rule on compactor kernels: `mask * dL/dK + lam * K / ||K[:, j]||_2`.
+    """ResRep's Res rule on compactor kernels: `mask * dL/dK + lam * K / ||K[..., j]||_2`.
 
-    For every `(kernel, mask)` pair (a `kprune.layers.Compactor`'s `(C, C)`
-    kernel, output channel on the last axis, and its `(C,)` mask), the
-    task gradient is masked per output channel and the group-lasso
-    gradient of the kernel's columns is added (Ding et al., ICCV 2021). The
-    penalty acts on masked channels too, so they decay towards zero.
+    For every `(kernel, mask)` pair (a `kprune.layers.Compactor`'s kernel of
+    shape `(C, C)` or `(1, 1, C, C)`, output channel on the last axis, and
+    its `(C,)` mask), the task gradient is masked per output channel and the
+    group-lasso gradient of the kernel's output channels (norm over all the
+    other axes) is added (Ding et al., ICCV 2021). The penalty acts on
+    masked channels too, so they decay towards zero.
+
+    ResRep trains compactors with their own optimizer settings (the official
+    code: SGD, momentum 0.99, no weight decay); give them to
+    `RuleOptimizer` or `Trainer` as `extra_optimizers=[(rule, optimizer)]`.
 
     Args:
+        lam: Strength of the group-lasso term, a finite number >= 0.
         pairs: `[(kernel, mask), ...]` variables, or their paths (then call
             `bind`).
-        lam: Strength of the group-lasso term, a finite number >= 0.
 
     Example:
 
     >>> rule = ResRepRule.from_model(kprune.resrep.attach(model), lam=1e-4)
-    >>> optimizer = kprune.train.RuleOptimizer("sgd", [rule])
+    >>> rule = ResRepRule(1e-4, pairs=[(compactor.kernel, compactor.mask)])
+    >>> optimizer = kprune.train.RuleOptimizer(
+    ...     "sgd", [rule], extra_optimizers=[(rule, keras.optimizers.SGD(0.01, momentum=0.99))])
     """
 
     slot_names = ("kernel", "mask")
 
-    def __init__(self, pairs: Sequence, lam: float = 1e-4):
+    def __init__(self, lam: float = 1e-4, pairs: Sequence | None = None):
         self.lam = _check_number(type(self).__name__, "lam", lam)
+        if pairs is None:
+            raise KprunError("ResRepRule: `pairs` of (kernel, mask) variables are required; "
+                             "ResRepRule.from_model(model) finds a model's compactors.")
         super().__init__(pairs)
 
     @classmethod
@@ -497,23 +543,23 @@ class ResRepRule(Rule):
         if not found or any(layer.kernel is None for layer in found):
             raise KprunError(f"ResRepRule: model '{model.name}' has no built Compactor layers; "
                              "call kprune.resrep.attach first.")
-        return cls([(layer.kernel, layer.mask) for layer in found], lam=lam)
+        return cls(lam, pairs=[(layer.kernel, layer.mask) for layer in found])
 
     def check_slot(self, kernel, mask) -> None:
-        if len(kernel.shape) != 2 or tuple(mask.shape) != (kernel.shape[-1],):
+        if len(kernel.shape) < 2 or tuple(mask.shape) != (kernel.shape[-1],):
             raise KprunError(f"{self._name()}: kernel '{kernel.path}' {tuple(kernel.shape)} and "
                              f"mask '{mask.path}' {tuple(mask.shape)} do not form a compactor "
-                             "(a (C, C) kernel and a (C,) mask).")
+                             "(a kernel with C output channels on its last axis and a (C,) "
+                             "mask).")
 
     def factor(self, kernel, mask):
-        return ops.expand_dims(ops.convert_to_tensor(mask), 0)
+        return _along(ops.convert_to_tensor(mask), len(kernel.shape), -1)
 
     def penalty(self, kernel, mask):
-        value = ops.convert_to_tensor(kernel)
-        return self.lam * value / ops.maximum(channel_norms(value, -1), _EPSILON)
+        return self.lam * _lasso_gradient(ops.convert_to_tensor(kernel), -1)
 
     def get_config(self) -> dict:
-        return {"pairs": [list(p) for p in self._paths], "lam": self.lam}
+        return {"lam": self.lam, "pairs": [list(p) for p in self._paths]}
 
 
 @keras.saving.register_keras_serializable(package="kprune")
@@ -521,18 +567,23 @@ class SlimmingRule(Rule):
     """Network Slimming's L1 rule on BatchNormalization scales: `grad += s * sign(gamma)`.
 
     Args:
-        gammas: The gamma variables (or paths; then call `bind`).
         s: Sparsity strength, a finite number >= 0.
+        variables: The gamma variables (or their paths, then call `bind`),
+            or a predicate `fn(variable) -> bool`.
 
     Example:
 
+    >>> rule = SlimmingRule(1e-4, [bn.gamma for bn in bns])
     >>> rule = SlimmingRule.from_layers([l for l in model.layers
     ...                                  if isinstance(l, keras.layers.BatchNormalization)])
     """
 
-    def __init__(self, gammas: Sequence, s: float = 1e-4):
+    def __init__(self, s: float = 1e-4, variables=None):
         self.s = _check_number(type(self).__name__, "s", s)
-        super().__init__(gammas)
+        if variables is None:
+            raise KprunError("SlimmingRule: `variables` (the BatchNormalization gammas) are "
+                             "required; SlimmingRule.from_layers(layers) collects them.")
+        super().__init__(variables)
 
     @classmethod
     def from_layers(cls, layers: Sequence, s: float = 1e-4) -> "SlimmingRule":
@@ -555,13 +606,13 @@ class SlimmingRule(Rule):
                 raise KprunError(f"SlimmingRule: layer '{getattr(layer, 'name', layer)}' has no "
                                  "gamma (not a built BatchNormalization with scale=True).")
             gammas.append(gamma)
-        return cls(gammas, s=s)
+        return cls(s, gammas)
 
     def penalty(self, gamma):
         return self.s * ops.sign(ops.convert_to_tensor(gamma))
 
     def get_config(self) -> dict:
-        return {"gammas": self.paths, "s": self.s}
+        return {"s": self.s, "variables": self.paths}
 
 
 def _layers(model) -> list:
@@ -597,4 +648,4 @@ def bind(rules: Iterable[Rule], source, strict: bool = True) -> list:
 
 
 __all__ = ["Rule", "Chain", "chain", "MaskRule", "GroupLassoRule", "ResRepRule", "SlimmingRule",
-           "bind", "channel_norms", "find_variable"]
+           "bind", "find_variable"]

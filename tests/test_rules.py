@@ -65,7 +65,7 @@ def test_resrep_rule_zero_column_gets_zero_penalty():
     kernel = comp.kernel.numpy()
     kernel[:, 1] = 0.0
     comp.kernel.assign(kernel)
-    rule = ResRepRule([(comp.kernel, comp.mask)], lam=1.0)
+    rule = ResRepRule(1.0, pairs=[(comp.kernel, comp.mask)])
     grad = np.ones((3, 3), dtype="float32")
     out = _np(rule([grad], [comp.kernel])[0])
     assert np.all(np.isfinite(out))
@@ -87,13 +87,13 @@ def test_group_lasso_rule_over_output_channels_of_a_conv_kernel():
     lam = 0.05
     kernel = conv.kernel.numpy().astype("float64")
     norms = np.sqrt((kernel ** 2).sum(axis=(0, 1, 2), keepdims=True))
-    rule = GroupLassoRule([conv.kernel], lam=lam)
+    rule = GroupLassoRule(lam, [conv.kernel])
     _check_only(rule, model, {conv.kernel.path: lambda g: g + lam * kernel / norms})
 
 
 def test_group_lasso_rule_other_axis():
     var = keras.Variable(np.array([[3.0, 0.0], [4.0, 1.0]], dtype="float32"), name="w")
-    rule = GroupLassoRule([var], lam=1.0, axis=0)
+    rule = GroupLassoRule(1.0, [var], axis=0)
     out = _np(rule([np.zeros((2, 2), "float32")], [var])[0])
     rows = np.array([[3.0, 0.0], [4.0, 1.0]])
     np.testing.assert_allclose(out, rows / np.linalg.norm(rows, axis=1, keepdims=True), rtol=1e-6)
@@ -119,7 +119,7 @@ def test_chain_composes_in_order():
     kernel = head.kernel.numpy().astype("float64")
     norms = np.sqrt((kernel ** 2).sum(axis=(0, 1, 2), keepdims=True))
     m = np.array([0.0, 1.0, 1.0, 0.0])
-    rule = chain(GroupLassoRule([head.kernel], lam=lam), MaskRule([(head.kernel, mask)]))
+    rule = chain(GroupLassoRule(lam, [head.kernel]), MaskRule([(head.kernel, mask)]))
     _check_only(rule, model, {head.kernel.path: lambda g: (g + lam * kernel / norms) * m})
     nested = chain(rule, SlimmingRule.from_layers([model.get_layer("bn")]))
     assert isinstance(nested, Chain) and len(nested.rules) == 3
@@ -136,7 +136,7 @@ def test_none_gradient_passes():
 @pytest.mark.parametrize("make", [
     lambda m: ResRepRule.from_model(m, lam=0.01),
     lambda m: SlimmingRule.from_layers([m.get_layer("bn")], s=0.1),
-    lambda m: GroupLassoRule([m.get_layer("conv").kernel], lam=0.1),
+    lambda m: GroupLassoRule(0.1, [m.get_layer("conv").kernel]),
     lambda m: chain(ResRepRule.from_model(m), SlimmingRule.from_layers([m.get_layer("bn")])),
 ])
 def test_config_round_trip_then_bind_to_reloaded_model(make, tmp_path):
@@ -177,9 +177,9 @@ def test_bad_inputs_raise_kprun_error():
     with pytest.raises(KprunError, match="lam"):
         ResRepRule.from_model(model, lam=-1.0)
     with pytest.raises(KprunError, match="s"):
-        SlimmingRule([model.get_layer("bn").gamma], s=float("nan"))
+        SlimmingRule(float("nan"), [model.get_layer("bn").gamma])
     with pytest.raises(KprunError, match="compactor"):
-        ResRepRule([(head.kernel, comp.mask)])
+        ResRepRule(1e-4, pairs=[(head.kernel, comp.mask)])
     with pytest.raises(KprunError, match="mask"):
         MaskRule([(head.kernel, comp.mask)])  # 3 entries for 4 channels
     with pytest.raises(KprunError, match="Compactor"):
@@ -187,8 +187,64 @@ def test_bad_inputs_raise_kprun_error():
     with pytest.raises(KprunError, match="gamma"):
         SlimmingRule.from_layers([head])
     with pytest.raises(KprunError, match="neither a Keras variable"):
-        GroupLassoRule([np.zeros(3)])
+        GroupLassoRule(1e-4, [np.zeros(3)])
     with pytest.raises(KprunError, match="no variable"):
-        ResRepRule([("missing/kernel", "missing/mask")]).bind(model)
+        ResRepRule(1e-4, pairs=[("missing/kernel", "missing/mask")]).bind(model)
     with pytest.raises(KprunError, match="gradients"):
         ResRepRule.from_model(model)([None], model.trainable_variables)
+    with pytest.raises(KprunError, match="pairs"):
+        ResRepRule(1e-4)
+    with pytest.raises(KprunError, match="from_layers"):
+        SlimmingRule(1e-4)
+    with pytest.raises(KprunError, match="axis"):
+        GroupLassoRule(1e-4, [head.kernel], axis=7)
+    with pytest.raises(KprunError, match="predicate"):
+        MaskRule(lambda v: True)
+
+
+def test_resrep_rule_on_a_pointwise_conv_kernel():
+    """A (1, 1, C, C) kernel: the mask runs along the last axis, norms over the other three."""
+    rng = np.random.default_rng(4)
+    kernel = keras.Variable(rng.normal(size=(1, 1, 4, 4)).astype("float32"), name="k")
+    mask = keras.Variable(np.array([0.0, 1.0, 1.0, 0.0], "float32"), trainable=False, name="m")
+    grad = rng.normal(size=(1, 1, 4, 4)).astype("float32")
+    lam = 0.3
+    out = _np(ResRepRule(lam, pairs=[(kernel, mask)])([grad], [kernel])[0])
+    k = kernel.numpy().astype("float64")
+    want = grad * mask.numpy() + lam * k / np.sqrt((k ** 2).sum(axis=(0, 1, 2), keepdims=True))
+    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-7)
+
+
+def test_group_lasso_rule_is_the_gradient_of_the_group_lasso_regularizer():
+    import tensorflow as tf
+
+    from kprune.regularizers import GroupLasso
+
+    rng = np.random.default_rng(5)
+    var = keras.Variable(rng.normal(size=(3, 3, 2, 5)).astype("float32"), name="k")
+    with tf.GradientTape() as tape:
+        penalty = GroupLasso(0.2)(var)
+    want = tape.gradient(penalty, var.value)
+    got = GroupLassoRule(0.2, [var])([np.zeros((3, 3, 2, 5), "float32")], [var])[0]
+    np.testing.assert_allclose(_np(got), _np(want), rtol=1e-5, atol=1e-7)
+
+
+def test_predicate_selects_then_binds_for_saving():
+    model = _compactor_model()
+    bn = model.get_layer("bn")
+    s = 0.1
+    rule = SlimmingRule(s, lambda v: v.path.endswith("/gamma"))
+    assert not rule.bound
+    _check_only(rule, model, {bn.gamma.path: lambda g: g + s * np.sign(bn.gamma.numpy())})
+    with pytest.raises(KprunError, match="predicate"):
+        rule.get_config()
+    rule.bind(model)
+    assert rule.bound and rule.variables == [bn.gamma]
+    assert rule.get_config() == {"s": s, "variables": [bn.gamma.path]}
+
+
+def test_numpy_numbers_are_accepted():
+    model = _compactor_model()
+    rule = ResRepRule.from_model(model, lam=np.float32(0.5))
+    assert rule.lam == 0.5
+    assert GroupLassoRule(0.1, [model.get_layer("conv").kernel], axis=np.int64(-1)).axis == -1
