@@ -85,8 +85,27 @@ def scores(model: keras.Model, graph: DependencyGraph | None = None) -> dict:
     return out
 
 
+def norm_layers(model: keras.Model, graph: DependencyGraph | None = None) -> list:
+    """The BatchNormalization layers (with a gamma) on prunable channels, in model order.
+
+    Args:
+        model: The model.
+        graph: The model's `DependencyGraph`, if already built.
+
+    Returns:
+        A list of layers, each once.
+    """
+    graph = graph or DependencyGraph(model)
+    found = {}
+    for group in graph.prunable_groups():
+        for member in _scaled_norms(group):
+            found.setdefault(id(member.layer), member.layer)
+    order = {id(c.layer): i for i, c in enumerate(graph.flat.calls)}
+    return sorted(found.values(), key=lambda layer: order[id(layer)])
+
+
 def gammas(model: keras.Model, graph: DependencyGraph | None = None) -> list:
-    """The gamma variables of the BatchNormalization layers in prunable groups.
+    """The gamma variables of `norm_layers(model)`: what the slimming rule penalises.
 
     Args:
         model: The model.
@@ -95,15 +114,7 @@ def gammas(model: keras.Model, graph: DependencyGraph | None = None) -> list:
     Returns:
         A list of variables, each once, in model order.
     """
-    graph = graph or DependencyGraph(model)
-    found, seen = [], set()
-    for group in graph.prunable_groups():
-        for member in _scaled_norms(group):
-            if id(member.layer.gamma) not in seen:
-                seen.add(id(member.layer.gamma))
-                found.append(member.layer.gamma)
-    order = {id(v): i for i, v in enumerate(model.weights)}
-    return sorted(found, key=lambda v: order.get(id(v), len(order)))
+    return [layer.gamma for layer in norm_layers(model, graph)]
 
 
 def rule(model: keras.Model, s: float = 1e-4):
@@ -134,11 +145,11 @@ def rule(model: keras.Model, s: float = 1e-4):
 
     if isinstance(s, bool) or not isinstance(s, (int, float)) or not s >= 0:
         raise KprunError(f"slimming.rule: `s` must be a number >= 0, got {s!r}.")
-    variables = gammas(model)
-    if not variables:
+    layers = norm_layers(model)
+    if not layers:
         raise KprunError(f"Model '{model.name}' has no BatchNormalization with a gamma on "
                          "channels that can be pruned: nothing for Network Slimming to do.")
-    return SlimmingRule(s, variables)
+    return SlimmingRule.from_layers(layers, s=s)
 
 
 def plan(model: keras.Model, percent: float = 0.7, min_channels: int = 1,
@@ -276,4 +287,4 @@ def _vgg_cfg(flat) -> list | None:
     return cfg
 
 
-__all__ = ["gammas", "plan", "prune", "rule", "scores", "widths"]
+__all__ = ["gammas", "norm_layers", "plan", "prune", "rule", "scores", "widths"]

@@ -113,6 +113,26 @@ def test_hard_mode_keeps_channels_zero_through_training():
     assert np.abs(_columns(conv, kept) - kept_before).max() > 0  # the rest trained
 
 
+def test_hard_masks_hold_under_the_gradient_tape_trainer():
+    from kprune.train import Trainer
+
+    model = archs.resnet_basic()
+    randomize(model, seed=7)
+    masker = _masked_masker(model, seed=8)
+    x, y = _data(model)
+    Trainer(model, keras.optimizers.SGD(0.05, momentum=0.9),
+            keras.losses.SparseCategoricalCrossentropy(from_logits=True)).fit(
+        x, y, batch_size=8, epochs=1, verbose=0, callbacks=[masker])
+    for gid, channels in masker.plan().items():
+        for member in masker.graph.groups[gid].producers:
+            positions = np.flatnonzero(np.isin(member.index, channels))
+            assert np.abs(_np(member.layer.kernel)[..., positions]).max() == 0.0
+    small = masker.finalize()
+    x4 = _x(model)
+    np.testing.assert_allclose(np.asarray(small(x4, training=False)),
+                               np.asarray(model(x4, training=False)), rtol=1e-5, atol=1e-5)
+
+
 def test_masker_errors_name_the_layer():
     model = archs.vgg()
     masker = ChannelMasker()
