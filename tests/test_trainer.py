@@ -329,3 +329,21 @@ def test_bad_arguments():
 
 def test_trainer_is_exported():
     assert kprune.Trainer is Trainer
+
+
+def test_rule_with_predicate_selects_its_optimizer_and_saves(tmp_path):
+    x, y = _data(8)
+    model = _model()
+    rule = GroupLassoRule(0.1, lambda v: v.path.endswith("head/kernel"))
+    opt = RuleOptimizer("sgd", [rule], extra_optimizers=[(rule, keras.optimizers.SGD(0.3))])
+    model.compile(optimizer=opt, loss="mse")
+    model.fit(x, y, batch_size=8, verbose=0)
+    config = opt.get_config()
+    head = model.get_layer("head").kernel.path
+    assert config["extra_optimizers"][0]["variables"] == [head]
+    assert config["rules"][0]["config"]["variables"] == [head]
+    model.save(tmp_path / "m.keras")
+    loaded = keras.saving.load_model(tmp_path / "m.keras", safe_mode=True)
+    loaded.fit(x, y, batch_size=8, verbose=0)
+    model.fit(x, y, batch_size=8, verbose=0)
+    _assert_same_weights(loaded, model)

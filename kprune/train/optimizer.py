@@ -31,10 +31,11 @@ class _Selector:
     def __init__(self, spec):
         self.predicate = None
         self.paths = None
+        self.rule = None
         if isinstance(spec, dict):
             spec = spec["variables"]
         if isinstance(spec, Rule):
-            self.paths = list(spec.paths)
+            self.rule = spec
         elif callable(spec) and not isinstance(spec, (list, tuple)):
             self.predicate = spec
         else:
@@ -50,6 +51,13 @@ class _Selector:
                                  "neither a Keras variable nor a variable path.")
 
     def select(self, variables: list) -> list:
+        if self.rule is not None and self.rule.bound:
+            known = {id(v) for v in variables}
+            chosen = [v for v in self.rule.variables if id(v) in known]
+            self.paths = [v.path for v in chosen]
+            return chosen
+        if self.rule is not None:
+            self.paths = list(self.rule.paths)
         if self.predicate is not None:
             chosen = [v for v in variables if self.predicate(v)]
             self.paths = [v.path for v in chosen]
@@ -64,6 +72,8 @@ class _Selector:
         return chosen
 
     def get_config(self) -> list:
+        if self.paths is None and self.rule is not None:
+            return list(self.rule.paths)
         if self.paths is None:
             raise KprunError("RuleOptimizer: an extra optimizer chosen by a predicate can be "
                              "saved only once the optimizer is built (after the first step); "
@@ -136,6 +146,11 @@ class RuleOptimizer(keras.optimizers.Optimizer):
         if isinstance(optimizer, RuleOptimizer):
             raise KprunError("RuleOptimizer: the inner optimizer is already a RuleOptimizer; "
                              "give its rules to one wrapper.")
+        if getattr(optimizer, "loss_scale_factor", None) is not None:
+            # The rules need unscaled gradients: scaling belongs outside the wrapper.
+            raise KprunError(f"RuleOptimizer: inner optimizer '{optimizer.name}' has "
+                             "`loss_scale_factor` set; wrap the RuleOptimizer in a "
+                             "keras.optimizers.LossScaleOptimizer instead.")
         return optimizer
 
     @property
