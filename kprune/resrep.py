@@ -794,5 +794,83 @@ def convert(model: keras.Model) -> keras.Model:
     return apply_plan(plain, plan, graph)
 
 
+# ---------------------------------------------------------------------------
+# Training: the Res rule and its optimizers
+# ---------------------------------------------------------------------------
+def rule(model: keras.Model, lam: float | None = None):
+    """The Res rule for every compactor of `model` (`kprune.rules.ResRepRule`).
+
+    Args:
+        model: A model with compactors (from `attach`, or loaded from one).
+        lam: Strength of the group-lasso term; by default the `lam` given
+            to `attach` (1e-4 for a loaded model).
+
+    Returns:
+        A bound `kprune.rules.ResRepRule`.
+
+    Example:
+
+    >>> kprune.Trainer(rr, "sgd", "mse", rules=[kprune.resrep.rule(rr)]).fit(x, y)
+    """
+    from kprune.rules import ResRepRule
+
+    lam = getattr(model, "resrep_lambda", 1e-4) if lam is None else lam
+    _check_lambda(lam)
+    return ResRepRule.from_model(model, lam=lam)
+
+
+def compactor_optimizer(optimizer) -> keras.optimizers.Optimizer:
+    """ResRep's optimizer for compactor kernels: SGD with momentum 0.99, no weight decay.
+
+    Args:
+        optimizer: The model's optimizer (an instance or a name); its
+            learning rate (or schedule) is reused.
+
+    Returns:
+        A new `keras.optimizers.SGD`.
+    """
+    learning_rate = keras.optimizers.get(optimizer).get_config()["learning_rate"]
+    return keras.optimizers.SGD.from_config({"learning_rate": learning_rate, "momentum": 0.99})
+
+
+def compile(model: keras.Model, optimizer="sgd", loss=None, metrics=None, *,
+            lam: float | None = None, compactors=None, **kwargs) -> keras.Model:
+    """`model.compile` with the Res rule and ResRep's compactor optimizer.
+
+    The optimizer becomes a `kprune.train.RuleOptimizer` that applies the Res
+    rule to every compactor kernel and updates those kernels with their own
+    optimizer (`compactor_optimizer` by default), while every other variable
+    keeps `optimizer`.
+
+    Args:
+        model: A model with compactors (compiled in place).
+        optimizer: The optimizer for every other variable.
+        loss: As in `model.compile`.
+        metrics: As in `model.compile`.
+        lam: Strength of the Res rule's group-lasso term (see `rule`).
+        compactors: The compactor kernels' optimizer; by default SGD with
+            `optimizer`'s learning rate, momentum 0.99, no weight decay.
+        **kwargs: Passed on to `model.compile`.
+
+    Returns:
+        `model`.
+
+    Example:
+
+    >>> rr = kprune.resrep.compile(kprune.resrep.attach(model), keras.optimizers.SGD(0.01),
+    ...                            "sparse_categorical_crossentropy", metrics=["accuracy"])
+    >>> rr.fit(x, y, callbacks=[MaskScheduler(0.5)])
+    """
+    from kprune.train import RuleOptimizer
+
+    res = rule(model, lam)
+    optimizer = keras.optimizers.get(optimizer)
+    extra = compactors if compactors is not None else compactor_optimizer(optimizer)
+    model.compile(optimizer=RuleOptimizer(optimizer, [res], extra_optimizers=[(res, extra)]),
+                  loss=loss, metrics=metrics, **kwargs)
+    return model
+
+
 __all__ = ["attach", "plan_sites", "compactors", "compactor_sets", "MaskScheduler", "convert",
+           "rule", "compile", "compactor_optimizer",
            "converted_macs", "original_macs"]

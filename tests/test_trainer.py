@@ -347,3 +347,19 @@ def test_rule_with_predicate_selects_its_optimizer_and_saves(tmp_path):
     loaded.fit(x, y, batch_size=8, verbose=0)
     model.fit(x, y, batch_size=8, verbose=0)
     _assert_same_weights(loaded, model)
+
+
+def test_resrep_compile_wires_the_rule_and_compactor_optimizer():
+    x, y = _data(8)
+    a = _model()
+    kprune.resrep.compile(a, keras.optimizers.SGD(0.1, weight_decay=1e-3), "mse", lam=0.05)
+    a.fit(x, y, batch_size=4, shuffle=False, verbose=0)
+    b = _model()
+    res = ResRepRule.from_model(b, lam=0.05)
+    opt = RuleOptimizer(keras.optimizers.SGD(0.1, weight_decay=1e-3), [res],
+                        extra_optimizers=[(res, keras.optimizers.SGD(0.1, momentum=0.99))])
+    b.compile(optimizer=opt, loss="mse")
+    b.fit(x, y, batch_size=4, shuffle=False, verbose=0)
+    _assert_same_weights(a, b)
+    assert a.optimizer.get_config()["extra_optimizers"][0]["variables"] == \
+        [a.get_layer("conv_compactor").kernel.path]
