@@ -57,12 +57,12 @@ SCRIPT = textwrap.dedent("""
     rng = np.random.default_rng(0)
     x = rng.random((16, 6, 6, 2)).astype("float32")
     y = rng.random((16, 2)).astype("float32")
-    fit_args = dict(batch_size=8, epochs=2, shuffle=False, verbose=0)
+    fit_args = dict(batch_size=8, epochs=2, shuffle=False, verbose=0, validation_data=(x, y))
     out = {}
 
     single = make()
-    single.compile(wrapped(single), "mse")
-    out["single_loss"] = single.fit(x, y, **fit_args).history["loss"]
+    single.compile(wrapped(single), "mse", metrics=["mae"])
+    out["single_logs"] = single.fit(x, y, **fit_args).history
     out["single"] = [w.tolist() for w in single.get_weights()]
 
     strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
@@ -70,15 +70,16 @@ SCRIPT = textwrap.dedent("""
 
     with strategy.scope():
         model = make()
-    trainer = Trainer(model, loss="mse", **setup(model))  # the model's strategy is used
+    # The model's strategy is used; compiled metrics are built before the distributed step.
+    trainer = Trainer(model, loss="mse", metrics=["mae"], **setup(model))
     out["trainer_strategy"] = trainer.strategy is strategy
-    out["trainer_loss"] = trainer.fit(x, y, **fit_args).history["loss"]
+    out["trainer_logs"] = trainer.fit(x, y, **fit_args).history
     out["trainer"] = [w.tolist() for w in model.get_weights()]
 
     with strategy.scope():
         model = make()
-        model.compile(wrapped(model), "mse")
-    out["fit_loss"] = model.fit(x, y, **fit_args).history["loss"]
+        model.compile(wrapped(model), "mse", metrics=["mae"])
+    out["fit_logs"] = model.fit(x, y, **fit_args).history
     out["fit"] = [w.tolist() for w in model.get_weights()]
 
     outside = make()
@@ -105,7 +106,9 @@ def test_mirrored_strategy_matches_one_device():
     assert out["replicas"] == 2
     assert out["trainer_strategy"]
     for name in ("trainer", "fit"):
-        np.testing.assert_allclose(out[f"{name}_loss"], out["single_loss"], rtol=1e-5)
+        assert set(out[f"{name}_logs"]) == {"loss", "mae", "val_loss", "val_mae"}
+        for key, want in out["single_logs"].items():
+            np.testing.assert_allclose(out[f"{name}_logs"][key], want, rtol=1e-5)
         for got, want in zip(out[name], out["single"]):
             np.testing.assert_allclose(np.array(got), np.array(want), rtol=1e-5, atol=1e-6)
     assert "outside the scope" in out["outside_error"]

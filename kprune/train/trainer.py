@@ -267,15 +267,16 @@ class Trainer:
         return logs
 
     def _build(self, dataset) -> None:
-        """Build the model and the optimizer (under the strategy's scope); bind the rules."""
+        """Build the model, compiled metrics and optimizer (in the strategy's scope); bind rules.
+
+        No variable can be created inside `strategy.run` (a MirroredStrategy
+        step fails on a compiled metric built there), so, as `model.fit`
+        does before a distributed loop, every variable is created first from
+        the dataset's element spec.
+        """
         model = self.model
-        if not model.built:
-            x, _, _ = keras.utils.unpack_x_y_sample_weight(next(iter(dataset)))
-            with self.strategy.scope():
-                model(x, training=False)
-        if not self.optimizer.built:
-            with self.strategy.scope():
-                self.optimizer.build(model.trainable_variables)
+        with self.strategy.scope():
+            model._symbolic_build(data_batch=dataset.element_spec)
         if not all(rule.bound for rule in self.optimizer.rules):
             self.optimizer.bind(model)
 
