@@ -363,3 +363,23 @@ def test_resrep_compile_wires_the_rule_and_compactor_optimizer():
     _assert_same_weights(a, b)
     assert a.optimizer.get_config()["extra_optimizers"][0]["variables"] == \
         [a.get_layer("conv_compactor").kernel.path]
+
+
+def test_mixed_precision_loss_scaling_as_in_model_fit():
+    """compile() wraps the RuleOptimizer in a LossScaleOptimizer; the Trainer steps through it."""
+    x, _ = _data(16)
+    y = 10.0 * np.ones((16, 2), "float32")  # large gradients: the first loss scales overflow
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        a, b = _model(), _model()
+        kw = _setup(a)
+        Trainer(a, loss="mse", **kw).fit(x, y, epochs=3, batch_size=8, shuffle=False, verbose=0)
+        b.compile(optimizer=_wrapped(b), loss="mse")
+        b.fit(x, y, epochs=3, batch_size=8, shuffle=False, verbose=0)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert isinstance(a.optimizer, keras.optimizers.LossScaleOptimizer)
+    assert isinstance(a.optimizer.inner_optimizer, RuleOptimizer)
+    # Steps with non-finite scaled gradients were skipped, the same ones on both paths.
+    assert 0 < int(a.optimizer.iterations) == int(b.optimizer.iterations) < 6
+    _assert_same_weights(a, b, rtol=1e-5, atol=1e-6)

@@ -96,14 +96,18 @@ class Trainer:
             data: A batch `(x, y)` or `(x, y, sample_weight)` (or `x`).
         """
         model = self.model
+        # The RuleOptimizer, or the LossScaleOptimizer that compile() puts around it for
+        # mixed precision: it scales the loss and unscales the gradients before the rules.
+        optimizer = model.optimizer
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         with tf.GradientTape() as tape:
             y_pred = model(x, training=True)
             loss = model.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight,
                                       training=True)
+            scaled = optimizer.scale_loss(loss)
         variables = model.trainable_variables
-        grads = tape.gradient(loss, variables)
-        self.optimizer.apply(grads, variables)
+        grads = tape.gradient(scaled, variables)
+        optimizer.apply(grads, variables)
         self._track(x, y, y_pred, sample_weight, loss)
 
     def test_step(self, data) -> None:
