@@ -341,7 +341,7 @@ class Chain(Rule):
 
     Example:
 
-    >>> rule = Chain([MaskRule(pairs), GroupLassoRule(kernels, lam=1e-4)])
+    >>> rule = Chain([MaskRule(pairs), GroupLassoRule(1e-4, kernels)])
     """
 
     def __init__(self, rules: Sequence):
