@@ -131,7 +131,8 @@ class AGP(keras.callbacks.Callback):
         pruners.check_guards(1.0, min_channels, round_to)
         self.final_sparsity = float(final_sparsity)
         self.initial_sparsity = float(initial_sparsity)
-        self.start_step, self.n_steps, self.frequency = int(start_step), int(n_steps), int(frequency)
+        self.start_step = int(start_step)
+        self.n_steps, self.frequency = int(n_steps), int(frequency)
         self.mode = mode
         self.verbose = verbose
         self.step = 0

@@ -29,7 +29,6 @@ Example:
 
 from __future__ import annotations
 
-import keras
 import numpy as np
 
 from kprune import criteria
