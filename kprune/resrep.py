@@ -588,7 +588,9 @@ class MaskScheduler(keras.callbacks.Callback):
     in every group. Nothing is masked during warm-up.
 
     The step count is the optimizer's `iterations`, so a model saved and
-    reloaded mid-training resumes the schedule where it was.
+    reloaded mid-training resumes the schedule where it was; the callback
+    also binds a reloaded `RuleOptimizer`'s rules to the model (as
+    `kprune.train.bind` does) when training begins.
 
     Args:
         flops_target: Share of the original MACs to reach, in (0, 1].
@@ -649,6 +651,17 @@ class MaskScheduler(keras.callbacks.Callback):
         if iterations is None:
             return self._steps
         return int(keras.ops.convert_to_numpy(iterations))
+
+    def on_train_begin(self, logs=None) -> None:
+        # A model loaded from `.keras` mid-training holds a RuleOptimizer whose
+        # Res rule knows its variables by path only: bind it before the first step.
+        from kprune.train import RuleOptimizer
+
+        optimizer = getattr(self.model, "optimizer", None)
+        if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):  # mixed precision
+            optimizer = optimizer.inner_optimizer
+        if isinstance(optimizer, RuleOptimizer) and not all(r.bound for r in optimizer.rules):
+            optimizer.bind(self.model)
 
     def on_train_batch_end(self, batch, logs=None) -> None:
         self._steps += 1
