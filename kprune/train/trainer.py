@@ -166,7 +166,7 @@ class Trainer:
         data = tf.data.Dataset.from_tensor_slices(parts if len(parts) > 1 else parts[0])
         if shuffle:
             data = data.shuffle(sizes.pop(), reshuffle_each_iteration=True)
-        return data.batch(int(batch_size))
+        return data.batch(int(batch_size)).prefetch(tf.data.AUTOTUNE)
 
     @staticmethod
     def _steps(dataset):
