@@ -212,24 +212,9 @@ def lowest_global(groups: Sequence, scores: Mapping, count: int, min_channels: i
     cands = [g for g in groups if g.id in scores]
     if not cands or count <= 0:
         return {}
-    values = np.concatenate([np.asarray(scores[g.id], dtype=np.float64) for g in cands])
-    owner = np.concatenate([np.full(g.size, g.id) for g in cands])
     caps = {g.id: max(g.size - min_channels, 0) for g in cands}
-    counts = dict.fromkeys(caps, 0)
-    taken = 0
-    for i in np.argsort(values, kind="stable"):
-        gid = int(owner[i])
-        if counts[gid] < caps[gid]:
-            counts[gid] += 1
-            taken += 1
-            if taken == count:
-                break
-    plan = {}
-    for g in cands:
-        n = pruners.drop_count(g, counts[g.id], max_ratio=1.0, min_channels=min_channels)
-        if n:
-            plan[g.id] = pruners.lowest(g, scores[g.id], n)
-    return plan
+    counts = pruners.take_lowest(cands, scores, caps, count)
+    return pruners.ranked_plan(cands, scores, counts, max_ratio=1.0, min_channels=min_channels)
 
 
 def uniform_ratio(model: keras.Model, flops_target: float, exclude=(), min_channels: int = 1,

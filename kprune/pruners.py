@@ -266,19 +266,61 @@ def global_plan(groups: Iterable, scores: Mapping, ratio: float, *, max_ratio: f
         return {}
     caps = {g.id: drop_count(g, g.size, max_ratio=max_ratio, min_channels=min_channels)
             for g in cands}
-    values = np.concatenate([_normalised(scores[g.id]) for g in cands])
-    owner = np.concatenate([np.full(g.size, g.id) for g in cands])
-    counts = dict.fromkeys(caps, 0)
+    values = {g.id: _normalised(scores[g.id]) for g in cands}
+    return ranked_plan(cands, scores, take_lowest(cands, values, caps, total),
+                       max_ratio=max_ratio, min_channels=min_channels, round_to=round_to)
+
+
+def take_lowest(groups: list, values: Mapping, caps: Mapping, total: int) -> dict:
+    """How many channels each group gives when `total` come off one global ranking.
+
+    All channels of `groups` are ranked together by `values`, lowest first;
+    they are taken in that order, skipping a group once it has given
+    `caps[id]`, until `total` are taken.
+
+    Args:
+        groups: The candidate `Group`s.
+        values: `{group id: one value per channel}`, comparable across groups.
+        caps: `{group id: most channels the group may give}`.
+        total: Channels to take in all.
+
+    Returns:
+        `{group id: count}`.
+
+    Example:
+
+    >>> take_lowest(groups, {0: [0.1, 0.9], 1: [0.5, 0.2]}, {0: 1, 1: 1}, 2)
+    {0: 1, 1: 1}
+    """
+    ranked = np.concatenate([np.asarray(values[g.id], dtype=np.float64) for g in groups])
+    owner = np.concatenate([np.full(g.size, g.id) for g in groups])
+    counts = {g.id: 0 for g in groups}
     taken = 0
-    for i in np.argsort(values, kind="stable"):
+    for i in np.argsort(ranked, kind="stable"):
+        if taken >= total:
+            break
         gid = int(owner[i])
         if counts[gid] < caps[gid]:
             counts[gid] += 1
             taken += 1
-            if taken == total:
-                break
+    return counts
+
+
+def ranked_plan(groups: list, scores: Mapping, counts: Mapping, *, max_ratio: float = 0.9,
+                min_channels: int = 1, round_to: int = 1) -> dict:
+    """The plan that drops `counts[id]` lowest-scored channels of each group, within the guards.
+
+    Args:
+        groups: The candidate `Group`s.
+        scores: `{group id: scores}`.
+        counts: `{group id: channels wanted}` (from `take_lowest`).
+        max_ratio, min_channels, round_to: The guards (see `drop_count`).
+
+    Returns:
+        The plan `{group id: sorted channel indices}`.
+    """
     plan = {}
-    for g in cands:
+    for g in groups:
         n = drop_count(g, counts[g.id], max_ratio=max_ratio, min_channels=min_channels,
                        round_to=round_to)
         if n:

@@ -39,7 +39,7 @@ from kprune.profile import layer_macs
 from kprune.surgeon.fuse import (PRODUCERS, can_mix, fold_compactors, fuse_batchnorm,
                                  is_linear, output_axis)
 from kprune.surgeon.plan import apply_plan
-from kprune.surgeon.rebuild import Rebuilder, assign, clone_layer, copy_state, weights_of
+from kprune.surgeon.rebuild import Rebuilder, weights_of
 
 L = keras.layers
 ZERO, CONST, UNKNOWN = 0, 1, 2  # what a masked channel holds on its way to consumers
@@ -349,9 +349,7 @@ def attach(model: keras.Model, *, exclude: Sequence = (), lam: float = 1e-4) -> 
         config = call.layer.get_config()
         activation = config["activation"]
         config["activation"] = "linear"
-        layer = rebuilder.layer_for(call, lambda name: clone_layer(call.layer, config, name))
-        out = layer(*args, **kwargs)
-        copy_state(call.layer, layer)
+        out = rebuilder.call_with(call, args, kwargs, config)
         act_name = rebuilder.unique_name(f"{call.layer.name}_activation")
         return L.Activation(activation, name=act_name)(compactor(site, out))
 
@@ -762,10 +760,7 @@ def _absorb_constants(plain: keras.Model, graph: DependencyGraph, drop: dict) ->
         weights["bias"] = bias.astype(weights["kernel"].dtype)
         config = call.layer.get_config()
         config["use_bias"] = True
-        layer = rebuilder.layer_for(call, lambda name: clone_layer(call.layer, config, name))
-        out = layer(*args, **kwargs)
-        assign(layer, weights)
-        return out
+        return rebuilder.call_with(call, args, kwargs, config, weights)
 
     rebuilder = Rebuilder(flat, make_call)
     return rebuilder.run()

@@ -22,7 +22,7 @@ from kprune.errors import KprunError
 from kprune.graph.rules import channel_axis, norm_axis
 from kprune.graph.walk import walk
 from kprune.layers.compactor import Compactor
-from kprune.surgeon.rebuild import Rebuilder, assign, clone_layer, weights_of
+from kprune.surgeon.rebuild import Rebuilder, weights_of
 
 L = keras.layers
 _CONV = (L.Conv1D, L.Conv2D, L.Conv3D)
@@ -150,10 +150,7 @@ def _fold(flat, pairs: dict) -> keras.Model:
         weights = compose(call.layer, dict(weights_of(call.layer)))
         config = call.layer.get_config()
         config["use_bias"] = True
-        layer = rebuilder.layer_for(call, lambda name: clone_layer(call.layer, config, name))
-        out = layer(*args, **kwargs)
-        assign(layer, weights)
-        return out
+        return rebuilder.call_with(call, args, kwargs, config, weights)
 
     rebuilder = Rebuilder(flat, make_call)
     return rebuilder.run()

@@ -131,6 +131,25 @@ class Rebuilder:
         return out
 
 
+    def call_with(self, call, args, kwargs, config: dict, weights=None):
+        """Call a copy of `call.layer` made from `config`, with `weights` (default: its own).
+
+        Args:
+            call: The source call.
+            args, kwargs: The call's arguments in the new model.
+            config: The new layer's config (the source layer's, changed).
+            weights: A name -> value dict (or a list) for the new layer; by
+                default the source layer's weights are copied.
+        """
+        layer = self.layer_for(call, lambda name: clone_layer(call.layer, config, name))
+        out = layer(*args, **kwargs)
+        if weights is None:
+            copy_state(call.layer, layer)
+        else:
+            assign(layer, weights)
+        return out
+
+
 def copy_state(src, dst) -> None:
     """Copy all weights of `src` into the built layer `dst` (same shapes)."""
     assign(dst, [v for _, v in weights_of(src)])
