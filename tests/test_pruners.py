@@ -163,3 +163,17 @@ def test_bad_arguments(kwargs, message):
     groups, scores = _two_groups()
     with pytest.raises(KprunError, match=message):
         pruners.make_plan(groups, scores, 0.5, **kwargs)
+
+
+def test_take_lowest_follows_one_ranking_within_caps():
+    from types import SimpleNamespace
+
+    groups = [SimpleNamespace(id=0, size=3), SimpleNamespace(id=1, size=2)]
+    values = {0: [0.1, 0.9, 0.3], 1: [0.2, 0.05]}
+    # Ranking: g1 0.05, g0 0.1, g1 0.2, g0 0.3, g0 0.9.
+    assert pruners.take_lowest(groups, values, {0: 3, 1: 2}, 3) == {0: 1, 1: 2}
+    # Group 1 capped at one channel: the ranking moves on to group 0.
+    assert pruners.take_lowest(groups, values, {0: 3, 1: 1}, 3) == {0: 2, 1: 1}
+    # Caps smaller than the total: every group gives its cap, no more.
+    assert pruners.take_lowest(groups, values, {0: 1, 1: 1}, 5) == {0: 1, 1: 1}
+    assert pruners.take_lowest(groups, values, {0: 3, 1: 2}, 0) == {0: 0, 1: 0}
