@@ -653,12 +653,10 @@ class MaskScheduler(keras.callbacks.Callback):
     def on_train_begin(self, logs=None) -> None:
         # A model loaded from `.keras` mid-training holds a RuleOptimizer whose
         # Res rule knows its variables by path only: bind it before the first step.
-        from kprune.train import RuleOptimizer
+        from kprune.train.optimizer import rule_optimizer
 
-        optimizer = getattr(self.model, "optimizer", None)
-        if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):  # mixed precision
-            optimizer = optimizer.inner_optimizer
-        if isinstance(optimizer, RuleOptimizer) and not all(r.bound for r in optimizer.rules):
+        optimizer = rule_optimizer(self.model)
+        if optimizer is not None and not all(r.bound for r in optimizer.rules):
             optimizer.bind(self.model)
 
     def on_train_batch_end(self, batch, logs=None) -> None:

@@ -383,3 +383,22 @@ def test_mixed_precision_loss_scaling_as_in_model_fit():
     # Steps with non-finite scaled gradients were skipped, the same ones on both paths.
     assert 0 < int(a.optimizer.iterations) == int(b.optimizer.iterations) < 6
     _assert_same_weights(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_bind_finds_the_rule_optimizer_inside_loss_scaling():
+    from kprune.train.optimizer import rule_optimizer
+
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        model = _model()
+        model.compile(optimizer=_wrapped(model), loss="mse")
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
+    assert rule_optimizer(model) is model.optimizer.inner_optimizer
+    assert bind(model) is model
+    plain = _model()
+    plain.compile(optimizer="sgd", loss="mse")
+    assert rule_optimizer(plain) is None
+    with pytest.raises(KprunError, match="no RuleOptimizer"):
+        bind(plain)

@@ -123,30 +123,32 @@ class Rebuilder:
 
     def copy_call(self, call, args, kwargs):
         """Call a weight-identical copy of `call.layer`."""
-        fresh = id(call.layer) not in self.layers
-        layer = self.layer_for(call, lambda name: clone_layer(call.layer, name=name))
-        out = layer(*args, **kwargs)
-        if fresh and isinstance(layer, keras.layers.Layer):
-            copy_state(call.layer, layer)
-        return out
+        return self.call_with(call, args, kwargs)
 
+    def call_with(self, call, args, kwargs, config: dict | None = None, weights=None):
+        """Call a copy of `call.layer` made from `config`, holding `weights`.
 
-    def call_with(self, call, args, kwargs, config: dict, weights=None):
-        """Call a copy of `call.layer` made from `config`, with `weights` (default: its own).
+        The copy is made and its weights set once, on the layer's first call
+        (a shared layer stays shared). A stateless operation is reused as is.
 
         Args:
             call: The source call.
             args, kwargs: The call's arguments in the new model.
-            config: The new layer's config (the source layer's, changed).
+            config: The new layer's config; by default the source layer's.
             weights: A name -> value dict (or a list) for the new layer; by
                 default the source layer's weights are copied.
+
+        Returns:
+            The call's outputs in the new model.
         """
+        fresh = id(call.layer) not in self.layers
         layer = self.layer_for(call, lambda name: clone_layer(call.layer, config, name))
         out = layer(*args, **kwargs)
-        if weights is None:
-            copy_state(call.layer, layer)
-        else:
-            assign(layer, weights)
+        if fresh and isinstance(layer, keras.layers.Layer):
+            if weights is None:
+                copy_state(call.layer, layer)
+            else:
+                assign(layer, weights)
         return out
 
 

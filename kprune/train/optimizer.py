@@ -329,10 +329,25 @@ def bind(model: keras.Model) -> keras.Model:
     >>> model = kprune.train.bind(keras.saving.load_model("rr.keras"))
     >>> model.fit(x, y)
     """
-    optimizer = getattr(model, "optimizer", None)
-    if not isinstance(optimizer, RuleOptimizer):
+    optimizer = rule_optimizer(model)
+    if optimizer is None:
         raise KprunError(f"Model '{model.name}' has no RuleOptimizer to bind "
-                         f"(its optimizer is {type(optimizer).__name__}).")
+                         f"(its optimizer is {type(getattr(model, 'optimizer', None)).__name__}).")
     optimizer.bind(model)
     return model
+
+
+def rule_optimizer(model: keras.Model) -> RuleOptimizer | None:
+    """`model`'s RuleOptimizer (inside the LossScaleOptimizer of mixed precision), or None.
+
+    Args:
+        model: A Keras model, compiled or not.
+
+    Returns:
+        The `RuleOptimizer`, or None if the model's optimizer is another one.
+    """
+    optimizer = getattr(model, "optimizer", None)
+    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+        optimizer = optimizer.inner_optimizer
+    return optimizer if isinstance(optimizer, RuleOptimizer) else None
 
