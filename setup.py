@@ -13,5 +13,5 @@ setup(
         "dev": ["pytest", "hypothesis", "scikit-learn", "ai-edge-litert"],
         "litert": ["ai-edge-litert"],
     },
-    entry_points={"console_scripts": ["kprune=kprune.cli:main"]},
+    entry_points={"console_scripts": ["kprune=kprune.tools.cli:main"]},
 )

@@ -36,7 +36,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 import kprune  # noqa: E402
-from kprune.datasets import digits  # noqa: E402
+from kprune.tools.datasets import digits  # noqa: E402
 from kprune.models import cifar_resnet  # noqa: E402
 
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)

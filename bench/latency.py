@@ -46,7 +46,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import kprune  # noqa: E402
-from kprune.export import tflite_bytes  # noqa: E402
+from kprune.tools.export import tflite_bytes  # noqa: E402
 
 PATHS = (("keras", 1), ("keras", 32), ("tflite", 1), ("tflite", 32))
 CALLS = {1: 5, 32: 1}  # timed calls per model and round, by batch size

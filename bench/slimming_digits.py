@@ -41,13 +41,13 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 from kprune import slimming  # noqa: E402
-from kprune.agp import AGP  # noqa: E402
-from kprune.datasets import digits  # noqa: E402
-from kprune.masking import uniform_ratio  # noqa: E402
+from kprune.methods.agp import AGP  # noqa: E402
+from kprune.tools.datasets import digits  # noqa: E402
+from kprune.train.masking import uniform_ratio  # noqa: E402
 from kprune.models import vgg  # noqa: E402
 from kprune.profile import profile  # noqa: E402
-from kprune.repr import RePr  # noqa: E402
-from kprune.sfp import SoftFilterPruning  # noqa: E402
+from kprune.methods.repr import RePr  # noqa: E402
+from kprune.methods.sfp import SoftFilterPruning  # noqa: E402
 from kprune.surgeon import copy_model  # noqa: E402
 
 CFG = [16, 16, "M", 32, 32, "M", 64, 64, "M", 128, 128]

@@ -27,7 +27,7 @@ import tensorflow as tf  # noqa: E402
 
 from kprune.graph import DependencyGraph  # noqa: E402
 from kprune.surgeon import apply_plan  # noqa: E402
-from kprune.verify import check_equivalence, random_plan, randomize  # noqa: E402
+from kprune.tools.verify import check_equivalence, random_plan, randomize  # noqa: E402
 
 FIXED_SIZE = {"NASNetLarge": 331, "NASNetMobile": 224, "InceptionV3": 75, "InceptionResNetV2": 75, "Xception": 71}
 

@@ -40,7 +40,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-import kprune.condense  # noqa: E402
+import kprune.methods.condense  # noqa: E402
 from kprune.models import condensenet  # noqa: E402
 from kprune.profile import format_count, profile  # noqa: E402
 
@@ -55,7 +55,7 @@ def load_data(name: str, image_size: int, seed: int) -> tuple:
         x_train = (x_train.astype("float32") / 255.0 - CIFAR_MEAN) / CIFAR_STD
         x_test = (x_test.astype("float32") / 255.0 - CIFAR_MEAN) / CIFAR_STD
         return (x_train, y_train.ravel()), (x_test, y_test.ravel())
-    from kprune.datasets import digits
+    from kprune.tools.datasets import digits
 
     (x_train, y_train), (x_test, y_test) = digits(image_size=image_size, channels=3, seed=seed)
     mean, std = x_train.mean(), x_train.std() + 1e-7

@@ -59,10 +59,10 @@ DEFAULTS = {"cifar10": (160, 480, 0.1, 0.01, 1e-4),
 def load_data(name: str, image_size: int, seed: int) -> tuple:
     """`((x_train, y_train), (x_test, y_test))`, normalised images."""
     if name == "cifar10":
-        from kprune.datasets import cifar10
+        from kprune.tools.datasets import cifar10
 
         return cifar10()
-    from kprune.datasets import digits
+    from kprune.tools.datasets import digits
 
     (x, y), (xt, yt) = digits(image_size=image_size, channels=3, seed=seed)
     mean, std = x.mean(), x.std() + 1e-7

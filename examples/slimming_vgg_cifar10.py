@@ -41,10 +41,10 @@ DIGITS_CFG = "16,16,M,32,32,M,64,64,M,128,128"
 def load_data(name: str, seed: int) -> tuple:
     """`((x_train, y_train), (x_test, y_test))`, normalised images."""
     if name == "cifar10":
-        from kprune.datasets import cifar10
+        from kprune.tools.datasets import cifar10
 
         return cifar10()
-    from kprune.datasets import digits
+    from kprune.tools.datasets import digits
 
     (x, y), (xt, yt) = digits(image_size=16, channels=3, seed=seed)
     mean, std = x.mean(), x.std() + 1e-7

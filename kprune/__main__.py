@@ -2,7 +2,7 @@
 
 import sys
 
-from kprune.cli import main
+from kprune.tools.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -30,6 +30,9 @@ import numpy as np
 
 from kprune.errors import KprunError
 from kprune.graph.walk import walk
+from kprune.layers.compactor import Compactor, compactor_macs
+from kprune.layers.learned_group_conv import (LearnedDense, LearnedGroupConv, learned_dense_macs,
+                                              learned_group_conv_macs)
 
 _COUNTERS: dict = {}
 
@@ -120,6 +123,9 @@ def _register_defaults():
         register_macs(cls, _rnn)
     register_macs(L.Bidirectional, _bidirectional)
     register_macs(L.TimeDistributed, _time_distributed)
+    register_macs(Compactor, compactor_macs)
+    register_macs(LearnedGroupConv, learned_group_conv_macs)
+    register_macs(LearnedDense, learned_dense_macs)
 
 
 _register_defaults()

@@ -16,8 +16,8 @@ from typing import Mapping, Sequence
 import keras
 import numpy as np
 
-from kprune import criteria as _criteria
-from kprune import pruners
+from kprune.select import criteria as _criteria
+from kprune.select import pruners
 from kprune.errors import KprunError
 from kprune.graph import DependencyGraph
 from kprune.surgeon import apply_plan, copy_model, drop_masks

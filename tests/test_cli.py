@@ -13,7 +13,7 @@ from keras import layers as L
 import archs
 import kprune
 from kprune import datasets
-from kprune.cli import build_parser, main
+from kprune.tools.cli import build_parser, main
 
 COMMANDS = ("profile", "prune", "export", "demo")
 
@@ -152,7 +152,7 @@ def test_errors_from_kprune_are_one_line(tmp_path, capsys):
 
 def test_module_entry_point_exits_2_without_traceback(tmp_path):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-    result = subprocess.run([sys.executable, "-m", "kprune.cli", "profile", "missing.keras"],
+    result = subprocess.run([sys.executable, "-m", "kprune", "profile", "missing.keras"],
                             capture_output=True, text=True, cwd=str(tmp_path), env=env,
                             timeout=300)
     assert result.returncode == 2

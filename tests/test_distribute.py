@@ -23,7 +23,7 @@ SCRIPT = textwrap.dedent("""
     import numpy as np
     from kprune.errors import KprunError
     from kprune.layers import Compactor
-    from kprune.rules import ResRepRule, SlimmingRule
+    from kprune.train.rules import ResRepRule, SlimmingRule
     from kprune.train import RuleOptimizer, Trainer
 
     L = keras.layers

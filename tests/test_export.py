@@ -12,7 +12,7 @@ from keras import layers as L
 
 import kprune
 from kprune import KprunError
-from kprune.export import export, run_saved_model, run_tflite
+from kprune.tools.export import export, run_saved_model, run_tflite
 
 export_module = importlib.import_module("kprune.export")  # `kprune.export` is the function
 

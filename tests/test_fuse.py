@@ -11,7 +11,7 @@ import archs
 from kprune.errors import KprunError
 from kprune.layers import Compactor
 from kprune.surgeon.fuse import fold_compactors, fuse_batchnorm
-from kprune.verify import randomize
+from kprune.tools.verify import randomize
 
 RNG = np.random.default_rng(0)
 FAMILIES = [n for n in archs.FAMILIES if n not in ("channels_first_convnet", "elementwise_ops")]

@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 from keras import layers as L
 
 from kprune.graph import DependencyGraph
-from kprune.verify import check_equivalence, random_plan, randomize
+from kprune.tools.verify import check_equivalence, random_plan, randomize
 
 
 def _conv_bn(x, f, k=3, groups=1):

@@ -11,11 +11,11 @@ import pytest
 import archs
 from kprune import agp, criteria
 from kprune.errors import KprunError
-from kprune.masking import ChannelMasker, lowest_global, uniform_ratio
+from kprune.train.masking import ChannelMasker, lowest_global, uniform_ratio
 from kprune.pruning import plan_macs
-from kprune.repr import RePr, orthogonal_filters
-from kprune.sfp import SoftFilterPruning
-from kprune.verify import random_plan, randomize
+from kprune.methods.repr import RePr, orthogonal_filters
+from kprune.methods.sfp import SoftFilterPruning
+from kprune.tools.verify import random_plan, randomize
 
 
 def _x(model, n=4, seed=0):

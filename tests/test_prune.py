@@ -11,7 +11,7 @@ from kprune.errors import KprunError
 from kprune.graph import DependencyGraph
 from kprune.pruning import prune_plan
 from kprune.surgeon import zero_plan
-from kprune.verify import randomize
+from kprune.tools.verify import randomize
 
 
 def _x(model, n=4, seed=0):
@@ -243,7 +243,7 @@ def test_flops_target_one_keeps_everything():
 def test_plan_macs_equals_the_profile_of_the_pruned_model(family):
     from kprune.profile import profile
     from kprune.pruning import plan_macs
-    from kprune.verify import random_plan
+    from kprune.tools.verify import random_plan
 
     model = archs.FAMILIES[family]()
     graph = DependencyGraph(model)

@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 
 from kprune.errors import KprunError
-from kprune.regularizers import GroupLasso
+from kprune.layers.regularizers import GroupLasso
 
 RNG = np.random.default_rng(1)
 

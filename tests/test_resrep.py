@@ -12,7 +12,7 @@ from kprune import resrep
 from kprune.errors import KprunError
 from kprune.graph import DependencyGraph
 from kprune.layers import Compactor
-from kprune.verify import randomize
+from kprune.tools.verify import randomize
 
 RNG = np.random.default_rng(0)
 ATTACH_FAMILIES = ["vgg", "resnet_basic", "resnet_bottleneck", "preact_resnet", "mobilenet_v2",

@@ -6,7 +6,7 @@ import pytest
 
 from kprune.errors import KprunError
 from kprune.layers import Compactor
-from kprune.rules import (Chain, GroupLassoRule, MaskRule, ResRepRule, SlimmingRule, chain,
+from kprune.train.rules import (Chain, GroupLassoRule, MaskRule, ResRepRule, SlimmingRule, chain,
                           find_variable)
 
 L = keras.layers
@@ -218,7 +218,7 @@ def test_resrep_rule_on_a_pointwise_conv_kernel():
 def test_group_lasso_rule_is_the_gradient_of_the_group_lasso_regularizer():
     import tensorflow as tf
 
-    from kprune.regularizers import GroupLasso
+    from kprune.layers.regularizers import GroupLasso
 
     rng = np.random.default_rng(5)
     var = keras.Variable(rng.normal(size=(3, 3, 2, 5)).astype("float32"), name="k")

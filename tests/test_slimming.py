@@ -14,10 +14,10 @@ from kprune import slimming
 from kprune.errors import KprunError
 from kprune.graph import DependencyGraph
 from kprune.models import vgg
-from kprune.rules import SlimmingRule
+from kprune.train.rules import SlimmingRule
 from kprune.surgeon import copy_model
 from kprune.train import RuleOptimizer, Trainer
-from kprune.verify import randomize
+from kprune.tools.verify import randomize
 
 CFG = [6, "M", 8, "M", 8, 10, "M", 12, 12]
 

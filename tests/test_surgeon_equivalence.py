@@ -7,7 +7,7 @@ import pytest
 import archs
 from kprune.graph import DependencyGraph
 from kprune.surgeon import apply_plan
-from kprune.verify import check_equivalence, random_plan, randomize
+from kprune.tools.verify import check_equivalence, random_plan, randomize
 
 
 def _inputs(model, n=3, seed=0):

@@ -10,7 +10,7 @@ from kprune import KprunError
 from kprune.graph import DependencyGraph
 from kprune.surgeon import (Surgeon, apply_plan, delete_channels, delete_layer, insert_layer,
                             replace_layer, zero_plan)
-from kprune.verify import randomize
+from kprune.tools.verify import randomize
 
 
 def _x(model, seed=0):

@@ -8,7 +8,7 @@ import tensorflow as tf
 import kprune
 from kprune.errors import KprunError
 from kprune.layers import Compactor
-from kprune.rules import GroupLassoRule, MaskRule, ResRepRule, SlimmingRule
+from kprune.train.rules import GroupLassoRule, MaskRule, ResRepRule, SlimmingRule
 from kprune.train import RuleOptimizer, Trainer, bind
 
 L = keras.layers

@@ -20,6 +20,7 @@ import numpy as np
 
 from kprune.errors import KprunError
 from kprune.graph.channels import ChannelSpec
+from kprune.layers.compactor import Compactor
 
 _RULES: dict = {}
 
@@ -659,6 +660,7 @@ def _register_defaults():
         register_rule(cls, GlobalPoolRule())
     register_rule(L.Flatten, FlattenRule())
     register_rule(L.Reshape, ReshapeRule())
+    register_rule(Compactor, CompactorRule())
 
 
 _register_defaults()

@@ -194,23 +194,3 @@ def compactor_macs(layer: Compactor, input_shape, output_shape) -> int:
         )
     positions = math.prod(int(d) for d in sizes)
     return positions * layer.channels * layer.channels
-
-
-def _register_profile() -> None:
-    try:
-        from kprune.profile import register_macs
-    except ImportError:  # pragma: no cover - profile ships with kprune
-        return
-    register_macs(Compactor, compactor_macs)
-
-
-_register_profile()
-
-
-def _register_graph_rule():
-    from kprune.graph.rules import CompactorRule, register_rule
-
-    register_rule(Compactor, CompactorRule())
-
-
-_register_graph_rule()

@@ -17,7 +17,7 @@ import numpy as np
 from keras import ops
 
 from kprune.errors import KprunError
-from kprune.regularizers import channel_norms
+from kprune.layers.regularizers import channel_norms
 
 
 def _check_int(layer: str, name: str, value, low: int = 1) -> int:
@@ -431,15 +431,3 @@ def learned_dense_macs(layer: LearnedDense, input_shapes, output_shapes) -> int:
     """MACs of one call of a `LearnedDense`: `in_features * units` (masked inputs included)."""
     del output_shapes
     return int(input_shapes[0][-1]) * layer.units
-
-
-def _register_profile() -> None:
-    try:
-        from kprune.profile import register_macs
-    except ImportError:
-        return
-    register_macs(LearnedGroupConv, learned_group_conv_macs)
-    register_macs(LearnedDense, learned_dense_macs)
-
-
-_register_profile()

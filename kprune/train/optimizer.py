@@ -7,7 +7,7 @@ from typing import Sequence
 import keras
 
 from kprune.errors import KprunError
-from kprune.rules import Rule, find_variable
+from kprune.train.rules import Rule, find_variable
 
 
 def _as_rules(rules) -> list:

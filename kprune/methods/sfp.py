@@ -26,9 +26,9 @@ from typing import Mapping
 
 import numpy as np
 
-from kprune import criteria, pruners
+from kprune.select import criteria, pruners
 from kprune.errors import KprunError
-from kprune.masking import ChannelMasker
+from kprune.train.masking import ChannelMasker
 
 
 class SoftFilterPruning(ChannelMasker):

@@ -136,8 +136,7 @@ def _export(args) -> None:
 
 
 def _demo(args) -> None:
-    from kprune import demo
-
+    from kprune.tools import demo
     demo.run(args.out, epochs=args.epochs, seed=args.seed)
 
 

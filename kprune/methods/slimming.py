@@ -32,7 +32,7 @@ import numpy as np
 from kprune.errors import KprunError
 from kprune.graph.dependency import DependencyGraph
 from kprune.graph.walk import walk
-from kprune.masking import lowest_global
+from kprune.train.masking import lowest_global
 from kprune.surgeon.plan import apply_plan, copy_model
 
 _L = keras.layers
@@ -141,7 +141,7 @@ def rule(model: keras.Model, s: float = 1e-4):
     >>> slim = kprune.slimming.rule(model, s=1e-4)
     >>> kprune.Trainer(model, "sgd", "sparse_categorical_crossentropy", rules=[slim]).fit(ds)
     """
-    from kprune.rules import SlimmingRule
+    from kprune.train.rules import SlimmingRule
 
     if isinstance(s, bool) or not isinstance(s, (int, float)) or not s >= 0:
         raise KprunError(f"slimming.rule: `s` must be a number >= 0, got {s!r}.")

@@ -818,7 +818,7 @@ def rule(model: keras.Model, lam: float | None = None):
 
     >>> kprune.Trainer(rr, "sgd", "mse", rules=[kprune.resrep.rule(rr)]).fit(x, y)
     """
-    from kprune.rules import ResRepRule
+    from kprune.train.rules import ResRepRule
 
     lam = getattr(model, "resrep_lambda", 1e-4) if lam is None else lam
     _check_lambda(lam)

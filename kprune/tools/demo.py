@@ -23,8 +23,8 @@ import keras
 import numpy as np
 from keras import layers as L
 
-from kprune import datasets
-from kprune.export import export, tflite_interpreter
+from kprune.tools import datasets
+from kprune.tools.export import export, tflite_interpreter
 from kprune.profile import format_count, latency, profile
 from kprune.pruning import prune
 

@@ -50,7 +50,7 @@ from typing import Mapping, Sequence
 import keras
 import numpy as np
 
-from kprune import pruners
+from kprune.select import pruners
 from kprune.errors import KprunError
 from kprune.graph.dependency import DependencyGraph
 from kprune.surgeon.plan import apply_plan, copy_model

@@ -31,9 +31,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from kprune import criteria
+from kprune.select import criteria
 from kprune.errors import KprunError
-from kprune.masking import ChannelMasker, count_for, lowest_global, producer_variables
+from kprune.train.masking import ChannelMasker, count_for, lowest_global, producer_variables
 
 UNITS = ("step", "epoch")
 

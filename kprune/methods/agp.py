@@ -35,10 +35,10 @@ import warnings
 import keras
 import numpy as np
 
-from kprune import criteria, pruners
+from kprune.select import criteria, pruners
 from kprune.errors import KprunError
 from kprune.graph.walk import walk
-from kprune.masking import ChannelMasker
+from kprune.train.masking import ChannelMasker
 from kprune.surgeon.plan import copy_model
 
 MODES = ("channel", "unstructured")
