@@ -12,6 +12,7 @@ setup(
     extras_require={
         "dev": ["pytest", "hypothesis", "scikit-learn", "ai-edge-litert"],
         "litert": ["ai-edge-litert"],
+        "hub": ["keras-hub>=0.20"],
     },
     entry_points={"console_scripts": ["kprune=kprune.tools.cli:main"]},
 )

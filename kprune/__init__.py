@@ -25,7 +25,7 @@ import sys as _sys
 
 __version__ = "0.1.0"
 
-from kprune.errors import KprunError  # noqa: F401,E402
+from kprune.errors import KprunError, KprunWarning  # noqa: F401,E402
 from kprune import layers, models  # noqa: F401,E402
 from kprune.layers import regularizers  # noqa: F401,E402
 from kprune.graph import DependencyGraph, register_rule  # noqa: F401,E402

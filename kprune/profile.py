@@ -9,13 +9,20 @@ sample.
 - SeparableConv1D/2D: the depthwise part plus a pointwise `Cin * multiplier * Cout`
   per output position.
 - Dense: `inputs * units * prod(leading non-batch axes)`.
+- EinsumDense, and the `keras.ops` einsum and matmul calls of inlined
+  composite layers: every output element costs the product of the
+  contracted axes.
+- MultiHeadAttention: its query, key, value and output projections plus the
+  attention scores and their weighted sum.
 - SimpleRNN/GRU/LSTM: `gates * units * (features + units)` per time step
   (1, 3 and 4 gates); Bidirectional counts both directions, TimeDistributed
   its layer once per step.
 
 Normalisation, activations, pooling, biases and element-wise merges count 0,
 as in the tables of the pruning literature. Layer types without a counter
-count 0; custom layers register theirs with `register_macs`.
+count 0; custom layers register theirs with `register_macs`. A layer with
+weights and no counter is named in `Profile.uncounted`, so a total that
+misses it does not pass unnoticed.
 """
 
 from __future__ import annotations
@@ -90,6 +97,45 @@ def _dense(layer, ins, outs):
     return int(ins[0][-1]) * int(outs[0][-1]) * _prod(outs[0][1:-1])
 
 
+def _contracted(equation: str, operand_shapes: list) -> int:
+    """Product of the sizes of the letters that `equation` sums over."""
+    lhs, out = equation.replace(" ", "").split("->")
+    sizes = {}
+    for spec, shape in zip(lhs.split(","), operand_shapes):
+        letters = spec.replace("...", "")
+        if not letters:
+            continue
+        for letter, dim in zip(letters, shape[len(shape) - len(letters):] if spec.startswith("...")
+                               else shape):
+            sizes[letter] = dim
+    return _prod([sizes[c] for c in sorted(set(lhs.replace(",", "").replace(".", "")))
+                  if c not in out])
+
+
+def _einsum_dense(layer, ins, outs):
+    return _prod(outs[0][1:]) * _contracted(layer.equation, [ins[0], tuple(layer.kernel.shape)])
+
+
+def _einsum_op(op, ins, outs):
+    return _prod(outs[0][1:]) * _contracted(op.subscripts, ins)
+
+
+def _matmul_op(op, ins, outs):
+    if len(ins) < 2 or len(ins[0]) < 2:
+        return 0  # a product with a constant: the constant is not a model weight
+    return _prod(outs[0][1:]) * _prod([ins[0][-1]])
+
+
+def _attention(layer, ins, outs):
+    query, value = ins[0], ins[1] if len(ins) > 1 else ins[0]
+    heads, key_dim = int(layer.num_heads), int(layer.key_dim)
+    value_dim = int(layer.value_dim or key_dim)
+    tq, tv = _prod(query[1:-1]), _prod(value[1:-1])
+    projections = (tq * int(query[-1]) * key_dim + tv * int(value[-1]) * (key_dim + value_dim)
+                   + tq * value_dim * int(outs[0][-1])) * heads
+    return projections + heads * tq * tv * (key_dim + value_dim)
+
+
 def _rnn(layer, ins, outs):
     steps, features = ins[0][1], ins[0][-1]
     gates = {"SimpleRNN": 1, "GRU": 3, "LSTM": 4}[type(layer).__name__]
@@ -119,6 +165,10 @@ def _register_defaults():
     for cls in (L.SeparableConv1D, L.SeparableConv2D):
         register_macs(cls, _separable)
     register_macs(L.Dense, _dense)
+    register_macs(L.EinsumDense, _einsum_dense)
+    register_macs(L.MultiHeadAttention, _attention)
+    register_macs(keras.src.ops.numpy.Einsum, _einsum_op)
+    register_macs(keras.src.ops.numpy.Matmul, _matmul_op)
     for cls in (L.SimpleRNN, L.GRU, L.LSTM):
         register_macs(cls, _rnn)
     register_macs(L.Bidirectional, _bidirectional)
@@ -164,16 +214,21 @@ class Profile:
         macs: Multiply-accumulates for one sample.
         params: Parameters (equals `model.count_params()`).
         layers: One `LayerProfile` per layer call.
+        uncounted: "name (Class)" of every layer with weights that has no
+            MACs counter (a composite layer kprune could not see through, a
+            custom layer): `macs` leaves them out; `register_macs` adds one.
     """
 
     name: str
     macs: int
     params: int
     layers: list
+    uncounted: list = dataclasses.field(default_factory=list)
 
     def to_dict(self) -> dict:
         return {"name": self.name, "macs": self.macs, "params": self.params,
-                "layers": [dataclasses.asdict(r) for r in self.layers]}
+                "layers": [dataclasses.asdict(r) for r in self.layers],
+                "uncounted": list(self.uncounted)}
 
     def __str__(self) -> str:
         head = f"{'layer':<36}{'type':<24}{'output':<22}{'MACs':>14}{'params':>12}"
@@ -185,6 +240,9 @@ class Profile:
         lines.append("-" * len(head))
         lines.append(f"{'total':<82}{self.macs:>14,}{self.params:>12,}")
         lines.append(f"{format_count(self.macs)} MACs, {format_count(self.params)} parameters")
+        if self.uncounted:
+            lines.append(f"MACs not counted for {len(self.uncounted)} layer(s) with no counter: "
+                         + ", ".join(self.uncounted[:8]) + (", ..." if len(self.uncounted) > 8 else ""))
         return "\n".join(lines)
 
 
@@ -230,7 +288,23 @@ def profile(model: keras.Model, input_shape: Sequence[int] | None = None) -> Pro
             params = int(sum(math.prod(v.shape) for v in call.layer.weights))
         rows.append(LayerProfile(call.layer.name, type(call.layer).__name__, outs[0] if outs else (),
                                  macs, params))
-    return Profile(model.name, sum(r.macs for r in rows), sum(r.params for r in rows), rows)
+    uncounted = list(dict.fromkeys(f"{c.layer.name} ({type(c.layer).__name__})"
+                                   for c in flat.calls if not counts(c.layer)))
+    return Profile(model.name, sum(r.macs for r in rows), sum(r.params for r in rows), rows,
+                   uncounted)
+
+
+# Layers with weights that do no multiply-accumulates worth counting.
+_NO_MACS = (keras.layers.BatchNormalization, keras.layers.LayerNormalization,
+            keras.layers.GroupNormalization, keras.layers.Normalization, keras.layers.PReLU,
+            keras.layers.Embedding)
+
+
+def counts(layer) -> bool:
+    """Whether `profile` accounts for `layer`: it has a MACs counter, no weights, or none needed."""
+    if type(layer) in _COUNTERS or isinstance(layer, _NO_MACS):
+        return True
+    return not (isinstance(layer, keras.layers.Layer) and layer.weights)
 
 
 def _at_shape(model, input_shape):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from typing import Mapping, Sequence
 
 import keras
@@ -18,9 +19,9 @@ import numpy as np
 
 from kprune.select import criteria as _criteria
 from kprune.select import pruners
-from kprune.errors import KprunError
+from kprune.errors import KprunError, KprunWarning
 from kprune.graph import DependencyGraph
-from kprune.surgeon import apply_plan, copy_model, drop_masks
+from kprune.surgeon import apply_plan, copy_model, drop_masks, hub
 
 _SCOPES = ("local", "global")
 _CONFIG_KEYS = {"op_types", "op_names", "op_partial_names", "sparsity", "sparsity_per_layer",
@@ -271,10 +272,15 @@ def _search(model, graph, groups, scores, flops_target, scope, guards, verbose):
     cost = estimated if exact else measured
     last = len(cands) - 1
     if cost(last) > budget:
+        blocked = graph.describe_blockers()
         raise KprunError(
-            f"Model '{model.name}' cannot reach {flops_target:.1%} of its MACs: the guards "
-            f"(max_ratio={guards['max_ratio']}, min_channels={guards['min_channels']}, "
-            f"round_to={guards['round_to']}) and exclusions leave {cost(last) / base:.1%}.")
+            f"Model '{model.name}' cannot reach {flops_target:.1%} of its MACs: "
+            + (f"groups are left whole by layers kprune cannot prune through: {blocked}; "
+               if blocked else "")
+            + f"with them, the guards (max_ratio={guards['max_ratio']}, "
+            f"min_channels={guards['min_channels']}, round_to={guards['round_to']}) and "
+            f"exclusions leave {cost(last) / base:.1%}. "
+            "`kprune.DependencyGraph(model).summary()` lists every group's reason.")
     i = _bisect(cost, len(cands), budget)
     if exact and measured(i) != estimated(i):
         i = _bisect(measured, len(cands), budget)  # the estimate was off: measure instead
@@ -384,10 +390,11 @@ def prune(model: keras.Model, *, ratio: float | None = None, flops_target: float
     >>> small = prune(model, flops_target=0.5, criterion="fpgm", round_to=8)
     >>> small = prune(model, ratio=0.3, scope="global", exclude=["Dense"])
     """
-    return _run(model, ratio=ratio, flops_target=flops_target, criterion=criterion, scope=scope,
-                data=data, loss=loss, exclude=exclude, round_to=round_to, max_ratio=max_ratio,
-                min_channels=min_channels, reduce=reduce, seed=seed, config_list=config_list,
-                verbose=verbose, batch_size=batch_size)[1]
+    small = _run(model, ratio=ratio, flops_target=flops_target, criterion=criterion, scope=scope,
+                 data=data, loss=loss, exclude=exclude, round_to=round_to, max_ratio=max_ratio,
+                 min_channels=min_channels, reduce=reduce, seed=seed, config_list=config_list,
+                 verbose=verbose, batch_size=batch_size)[1]
+    return hub.repackage(model, small)
 
 
 def _run(model, *, ratio=None, flops_target=None, criterion="l1", scope="local", data=None,
@@ -412,8 +419,37 @@ def _run(model, *, ratio=None, flops_target=None, criterion="l1", scope="local",
         target = sparsity if configs is not None else ratio
         plan = pruners.make_plan(groups, scores, target, scope, **guards)
         small = apply_plan(model, plan, graph) if plan else copy_model(model)
+    if flops_target is None:
+        _warn_shortfall(model, graph, groups, plan, ratio if configs is None else None)
     _report(model, graph, plan, verbose)
     return plan, small
+
+
+def _warn_shortfall(model, graph, groups, plan, ratio) -> None:
+    """Warn when asked to prune and nothing is removed, or blocked groups hold back half or more.
+
+    The channels asked for are `ratio` times those of the groups in play:
+    the prunable ones not excluded, and those a layer blocks.
+    """
+    if ratio == 0:
+        return
+    removed = sum(len(channels) for channels in plan.values())
+    blocked = [g for g in graph.groups if g.blocker is not None and g.producers]
+    asked = (ratio or 0.0) * (sum(g.size for g in groups) + sum(g.size for g in blocked))
+    if removed and (not blocked or removed >= 0.5 * asked):
+        return
+    what = ("removed no channel" if not removed
+            else f"removed {removed} of the ~{asked:.0f} channels asked for")
+    if blocked:
+        why = (f"{len(blocked)} group(s) are left whole by layers it cannot prune through: "
+               f"{graph.describe_blockers()}")
+    elif not groups:
+        why = "no group is prunable (every group reaches a model input or output, or is excluded)"
+    else:
+        why = "the ratio and the guards (max_ratio, min_channels, round_to) leave every group whole"
+    warnings.warn(f"kprune: model '{model.name}': {what}; {why}. "
+                  "`kprune.DependencyGraph(model).summary()` lists every group's reason.",
+                  KprunWarning, stacklevel=4)
 
 
 __all__ = ["config_ratios", "parse_config_list", "plan_macs", "prune", "prune_plan"]

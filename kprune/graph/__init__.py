@@ -3,3 +3,4 @@
 from kprune.graph.dependency import DependencyGraph, Group, Member  # noqa: F401
 from kprune.graph.rules import LayerRule, get_rule, register_rule  # noqa: F401
 from kprune.graph.walk import FlatGraph, walk  # noqa: F401
+from kprune.graph.ops import OpCall  # noqa: F401,E402  (registers the keras.ops rules)

@@ -72,7 +72,7 @@ class RuleContext:
     def block(self, atoms: np.ndarray, reason: str) -> None:
         """The group holding `atoms` may not be pruned, for `reason`."""
         if len(atoms):
-            self._sink.blocks.append((atoms, reason))
+            self._sink.blocks.append((atoms, reason, self.layer))
 
     def block_all(self, reason: str) -> None:
         for spec in self.inputs:

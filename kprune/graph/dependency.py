@@ -45,6 +45,9 @@ class Group:
         size: Number of removable channels.
         prunable: Whether the group may be pruned.
         reason: Why it may not be pruned (None when it may).
+        blocker: The layer (or `keras.ops` operation) whose rule blocked the
+            group; None when it is prunable or blocked by the model itself
+            (its inputs, its outputs, no producer).
         producers, consumers, params: The `Member`s of each kind.
         partitions: For grouped convolutions, arrays mapping each channel to a
             conv group (-1: not in that conv); removals must be even per block.
@@ -54,6 +57,7 @@ class Group:
     size: int
     prunable: bool = True
     reason: str | None = None
+    blocker: object = None
     producers: list = dataclasses.field(default_factory=list)
     consumers: list = dataclasses.field(default_factory=list)
     params: list = dataclasses.field(default_factory=list)
@@ -108,7 +112,7 @@ class DependencyGraph:
                 if spec is not None:
                     producer = self.flat.producer(t)
                     name = producer.layer.name if producer else "input"
-                    sink.blocks.append((spec.atoms, f"reaches model output '{name}'"))
+                    sink.blocks.append((spec.atoms, f"reaches model output '{name}'", None))
         self._finalize(sink)
 
     # Building -------------------------------------------------------------------
@@ -121,7 +125,7 @@ class DependencyGraph:
             if shape[axis] is None:
                 continue
             atoms = self.table.new(int(shape[axis]))
-            sink.blocks.append((atoms, "model input channels"))
+            sink.blocks.append((atoms, "model input channels", None))
             self.specs[id(t)] = ChannelSpec(axis, atoms)
 
     def _input_axis(self, tensor, rank: int) -> int:
@@ -156,11 +160,11 @@ class DependencyGraph:
         self.atom_group = np.array([group_ids[grp[a]] for a in range(n)], dtype=np.int64)
         self.atom_channel = np.array([channel_of_class[cls[a]] for a in range(n)], dtype=np.int64)
         self.groups = [Group(id=i, size=s) for i, s in enumerate(sizes)]
-        for atoms, reason in sink.blocks:
+        for atoms, reason, layer in sink.blocks:
             for gid in np.unique(self.atom_group[atoms]):
                 group = self.groups[gid]
                 if group.prunable:
-                    group.prunable, group.reason = False, reason
+                    group.prunable, group.reason, group.blocker = False, reason, layer
         for rec in sink.records:
             for gid, index in self._split(rec.atoms):
                 getattr(self.groups[gid], rec.kind + "s").append(Member(rec.layer, rec.kind, index))
@@ -237,3 +241,26 @@ class DependencyGraph:
     def summary(self) -> str:
         """One line per group: id, size, producers, prunable or why not."""
         return "\n".join(repr(g) for g in self.groups)
+
+    def blockers(self) -> dict:
+        """Class name -> number of groups with producers that a layer of that class blocks.
+
+        Groups blocked by the model itself (its inputs and outputs) are not
+        counted. Most frequent first.
+
+        Example:
+
+        >>> DependencyGraph(model).blockers()
+        {'MultiHeadAttention': 4, 'ViTPatchingAndEmbedding': 1}
+        """
+        counts: dict = {}
+        for group in self.groups:
+            if group.blocker is not None and group.producers:
+                name = type(group.blocker).__name__
+                counts[name] = counts.get(name, 0) + 1
+        return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+    def describe_blockers(self) -> str:
+        """`blockers()` in words, e.g. "MultiHeadAttention (4 groups), Mean (1 group)"."""
+        return ", ".join(f"{name} ({n} group{'s' if n > 1 else ''})"
+                         for name, n in self.blockers().items())

@@ -39,6 +39,11 @@ def register_rule(layer_class, rule: "LayerRule") -> None:
     _RULES[layer_class] = rule
 
 
+def has_rule(layer) -> bool:
+    """Whether a rule is registered for `layer`'s exact class."""
+    return type(layer) in _RULES
+
+
 def get_rule(layer) -> "LayerRule":
     """The rule for `layer`'s exact class, or the blocking `UnknownRule`."""
     return _RULES.get(type(layer), UNKNOWN)
@@ -70,13 +75,35 @@ class LayerRule:
     def zero(self, layer, weights: dict, drop_in: list) -> dict:
         return dict(weights)
 
+    def slice_call(self, call):
+        """Outputs of a stateless `keras.ops` operation on pruned tensors.
+
+        The surgeon calls this instead of `slice` for operations (they have no
+        weights or config to slice) whose channels change.
+
+        Args:
+            call: A `kprune.graph.ops.OpCall`: the operation, its new arguments,
+                and the kept channels and channel axis of every tensor.
+
+        Returns:
+            The call's outputs in the new model. The default calls the same
+            operation on the new arguments.
+        """
+        return call.run()
+
 
 class UnknownRule(LayerRule):
     """A layer with no rule: its inputs' groups are blocked, outputs are new."""
 
     def propagate(self, ctx):
-        reason = (f"layer '{ctx.layer.name}' ({type(ctx.layer).__name__}) has no "
-                  "channel rule; register one with kprune.graph.register_rule")
+        opaque = getattr(ctx.call, "opaque", None)
+        if opaque:
+            reason = (f"layer '{ctx.layer.name}' ({type(ctx.layer).__name__}) is kept whole: "
+                      f"{opaque}")
+        else:
+            kind = "layer" if isinstance(ctx.layer, keras.layers.Layer) else "operation"
+            reason = (f"{kind} '{ctx.layer.name}' ({type(ctx.layer).__name__}) has no "
+                      "channel rule; register one with kprune.graph.register_rule")
         ctx.block_all(reason)
         return ctx.unknown_outputs(reason)
 
@@ -639,9 +666,7 @@ def _register_defaults():
     register_rule(L.Normalization, NormalizationRule())
     for cls in (L.Add, L.Subtract, L.Multiply, L.Average, L.Maximum, L.Minimum):
         register_rule(cls, MergeRule())
-    from keras.src.ops import numpy as knp
-    for cls in (knp.Add, knp.Subtract, knp.Multiply, knp.Maximum, knp.Minimum):
-        register_rule(cls, MergeRule())
+    # keras.ops operations (knp.Add, knp.Pad, ...) are registered by kprune.graph.ops.
     register_rule(L.Concatenate, ConcatenateRule())
     for cls in (L.ReLU, L.LeakyReLU, L.ELU, L.Dropout, L.GaussianNoise, L.GaussianDropout,
                 L.AlphaDropout, L.ActivityRegularization, L.Identity):

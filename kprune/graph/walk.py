@@ -1,8 +1,15 @@
 """Flatten a Keras functional or Sequential model into a list of layer calls.
 
 Nested models (a Sequential inside a Functional, a Functional inside another)
-are inlined, so every later stage of kprune sees one flat, topologically
-ordered list of `Call` records over plain layers.
+are inlined, and so are composite layers: a subclassed layer that holds its
+own sub-layers (a KerasHub block, a user's residual block) is traced by
+calling its `call` on symbolic inputs, and its sub-layers and `keras.ops`
+calls become ordinary calls of the flat graph, recursively. Every later stage
+of kprune sees one flat, topologically ordered list of `Call` records.
+
+A composite that cannot be traced (value-dependent Python control flow,
+weights of its own used directly in `call`, a call that fails on symbolic
+inputs) stays one call, and `Call.opaque` says why.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ from typing import Any
 import keras
 
 from kprune.errors import KprunError
+from kprune.graph.rules import has_rule
 
 
 @dataclasses.dataclass
@@ -25,6 +33,8 @@ class Call:
         kwargs: Keyword call arguments.
         inputs: The flat list of KerasTensors among `args` and `kwargs`.
         outputs: The flat list of KerasTensors the call produced.
+        opaque: For a composite layer kept whole, why it could not be
+            inlined; None otherwise.
     """
 
     layer: keras.layers.Layer
@@ -32,17 +42,25 @@ class Call:
     kwargs: dict
     inputs: list
     outputs: list
+    opaque: str | None = None
 
 
 @dataclasses.dataclass
 class FlatGraph:
-    """A model as a flat list of calls, with its input and output tensors."""
+    """A model as a flat list of calls, with its input and output tensors.
+
+    `inputs` and `outputs` are flat lists; `input_structure` and
+    `output_structure` hold the same tensors in the model's own nesting (a
+    single tensor, a list, a dict), so a rebuilt model returns what the
+    original returns.
+    """
 
     model: keras.Model
     inputs: list
     outputs: list
     calls: list
     output_structure: Any = None
+    input_structure: Any = None
 
     def producer(self, tensor) -> Call | None:
         """The call that produced `tensor`, or None for a model input."""
@@ -137,13 +155,16 @@ def walk(model: keras.Model) -> FlatGraph:
     def resolve(x):
         return alias.get(id(x), x) if is_tensor(x) else x
 
-    outputs = keras.tree.map_structure(resolve, graph.outputs)
+    outputs = keras.tree.map_structure(resolve, getattr(graph, "_outputs_struct", graph.outputs))
     return FlatGraph(
         model=model,
         inputs=list(graph.inputs),
         outputs=_flat_tensors(outputs),
         calls=calls,
         output_structure=outputs,
+        # A Sequential model takes one tensor, whatever its inner graph holds.
+        input_structure=None if isinstance(model, keras.Sequential)
+        else getattr(graph, "_inputs_struct", None),
     )
 
 
@@ -151,7 +172,8 @@ def _walk_into(graph, alias: dict, calls: list) -> None:
     """Append the calls of `graph` to `calls`.
 
     `alias` maps id(inner tensor) -> outer tensor, so the calls of a nested model
-    read and write the tensors of the enclosing graph.
+    (or of a traced composite layer) read and write the tensors of the
+    enclosing graph.
     """
 
     def resolve(x):
@@ -164,24 +186,16 @@ def _walk_into(graph, alias: dict, calls: list) -> None:
         args = keras.tree.map_structure(resolve, node.arguments.args)
         kwargs = keras.tree.map_structure(resolve, node.arguments.kwargs)
         outputs = list(node.outputs)
+        opaque = None
         if isinstance(op, keras.Model):
             check_model(op)
-            inner = _graph_of(op)
-            inner_inputs = list(inner.inputs)
-            given = _flat_tensors(args) + _flat_tensors(kwargs)
-            if len(given) != len(inner_inputs):
-                raise KprunError(
-                    f"Nested model '{op.name}' was called with {len(given)} tensors "
-                    f"but has {len(inner_inputs)} inputs."
-                )
-            inner_alias = dict(alias)
-            for t_in, t_out in zip(inner_inputs, given):
-                inner_alias[id(t_in)] = t_out
-            _walk_into(inner, inner_alias, calls)
-            inner_outputs = _flat_tensors(inner.outputs)
-            for t_inner, t_outer in zip(inner_outputs, outputs):
-                alias[id(t_outer)] = inner_alias.get(id(t_inner), t_inner)
+            _inline(_graph_of(op), op.name, args, kwargs, outputs, alias, calls)
             continue
+        if is_composite(op):
+            inner, opaque = trace(op, node.arguments.args, node.arguments.kwargs)
+            if inner is not None:
+                _inline(inner, op.name, args, kwargs, outputs, alias, calls)
+                continue
         calls.append(
             Call(
                 layer=op,
@@ -189,5 +203,105 @@ def _walk_into(graph, alias: dict, calls: list) -> None:
                 kwargs=kwargs,
                 inputs=_flat_tensors(args) + _flat_tensors(kwargs),
                 outputs=outputs,
+                opaque=opaque,
             )
         )
+
+
+def _inline(inner, name: str, args, kwargs, outputs: list, alias: dict, calls: list) -> None:
+    """Walk the graph `inner` (a nested model or a traced layer) in place of its call."""
+    inner_inputs = list(inner.inputs)
+    given = _flat_tensors(args) + _flat_tensors(kwargs)
+    if len(given) != len(inner_inputs):
+        raise KprunError(
+            f"Nested model '{name}' was called with {len(given)} tensors "
+            f"but has {len(inner_inputs)} inputs."
+        )
+    inner_alias = dict(alias)
+    for t_in, t_out in zip(inner_inputs, given):
+        inner_alias[id(t_in)] = t_out
+    _walk_into(inner, inner_alias, calls)
+    for t_inner, t_outer in zip(_flat_tensors(inner.outputs), outputs):
+        alias[id(t_outer)] = inner_alias.get(id(t_inner), t_inner)
+
+
+# --------------------------------------------------------------------------
+# Composite layers
+# --------------------------------------------------------------------------
+def sublayers(layer) -> list:
+    """The layers `layer` holds directly (not recursively)."""
+    return list(layer._flatten_layers(include_self=False, recursive=False))
+
+
+def is_composite(layer) -> bool:
+    """Whether `layer` is a subclassed layer, outside Keras itself, made of sub-layers.
+
+    Keras's own layers are never inlined (they are handled, or blocked, by
+    their rules); a layer with a registered channel rule is not inlined either.
+    """
+    if not isinstance(layer, keras.layers.Layer) or isinstance(layer, keras.Model):
+        return False
+    if type(layer).__module__.split(".")[0] == "keras" or has_rule(layer):
+        return False
+    return bool(sublayers(layer))
+
+
+def own_variables(layer) -> list:
+    """Variables `layer` created itself, not those of its sub-layers."""
+    inner = {id(v) for sub in sublayers(layer) for v in sub.variables}
+    return [v for v in layer.variables if id(v) not in inner]
+
+
+def trace(layer, args, kwargs):
+    """`layer.call` traced on symbolic inputs: `(functional graph, None)` or `(None, why)`.
+
+    Args:
+        layer: A composite layer (see `is_composite`).
+        args, kwargs: The arguments of one of its calls (KerasTensors inside).
+
+    Returns:
+        A functional model of the layer's sub-layers and `keras.ops` calls
+        with one input per tensor argument, or None and the reason it could
+        not be made. The caller's layers are left as they were.
+    """
+    own = own_variables(layer)
+    if own:
+        names = ", ".join(v.path.split("/")[-1] for v in own[:3])
+        return None, f"it uses weights of its own ({names}) besides its sub-layers"
+    fresh = {}
+
+    def placeholder(x):
+        if not is_tensor(x):
+            return x
+        fresh[id(x)] = keras.Input(batch_shape=tuple(x.shape), dtype=x.dtype,
+                                   sparse=getattr(x, "sparse", False))
+        return fresh[id(x)]
+
+    new_args = keras.tree.map_structure(placeholder, args)
+    new_kwargs = keras.tree.map_structure(placeholder, kwargs)
+    inputs = _flat_tensors(new_args) + _flat_tensors(new_kwargs)
+    saved = _node_lists(layer)
+    try:
+        outputs = layer.call(*new_args, **new_kwargs)
+        if not _flat_tensors(outputs):
+            return None, "its call returned no symbolic tensor"
+        inner = keras.Model(inputs, outputs, name=f"{layer.name}_traced")
+    except Exception as exc:  # any failure means: keep the layer whole, say why
+        message = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
+        return None, f"its call does not trace on symbolic inputs ({type(exc).__name__}: {message})"
+    finally:
+        _restore_node_lists(saved)
+    return inner, None
+
+
+def _node_lists(layer) -> list:
+    """(layer, inbound count, outbound count) for `layer` and every layer inside it."""
+    found = layer._flatten_layers(include_self=True, recursive=True)
+    return [(sub, len(sub._inbound_nodes), len(sub._outbound_nodes)) for sub in found]
+
+
+def _restore_node_lists(saved: list) -> None:
+    """Forget the nodes a trace added to the caller's layers."""
+    for sub, n_in, n_out in saved:
+        del sub._inbound_nodes[n_in:]
+        del sub._outbound_nodes[n_out:]

@@ -9,8 +9,9 @@ import numpy as np
 
 from kprune.errors import KprunError
 from kprune.graph.dependency import DependencyGraph
+from kprune.graph.ops import OpCall
 from kprune.graph.rules import get_rule
-from kprune.surgeon.rebuild import Rebuilder, assign, clone_layer, copy_state, weights_of
+from kprune.surgeon.rebuild import Rebuilder, assign, copy_state, weights_of
 
 
 def _group_id(group) -> int:
@@ -69,6 +70,21 @@ def _masks_for(graph, tensors, drop):
     return [graph.keep_mask(t, drop) for t in tensors]
 
 
+def _axes_for(graph, tensors):
+    specs = [graph.specs.get(id(t)) for t in tensors]
+    return [s.axis if s is not None else None for s in specs]
+
+
+def _op_call(graph, rebuilder, call, args, kwargs, keep_in, keep_out) -> OpCall:
+    """What an operation's rule needs to call it again on pruned tensors."""
+    return OpCall(
+        op=call.layer, source=call, args=tuple(args), kwargs=dict(kwargs),
+        keep_in=keep_in, keep_out=keep_out,
+        axes_in=_axes_for(graph, call.inputs), axes_out=_axes_for(graph, call.outputs),
+        name=rebuilder.unique_name(call.layer.name),
+    )
+
+
 def apply_plan(model: keras.Model, plan: Mapping, graph: DependencyGraph | None = None) -> keras.Model:
     """Remove the planned channels and return a new, smaller model.
 
@@ -93,20 +109,18 @@ def apply_plan(model: keras.Model, plan: Mapping, graph: DependencyGraph | None 
         keep_in = _masks_for(graph, call.inputs, drop)
         keep_out = _masks_for(graph, call.outputs, drop)
         changed = any(k is not None and not k.all() for k in keep_in + keep_out)
-        if not changed or not isinstance(call.layer, keras.layers.Layer):
+        if not changed:
             return rebuilder.copy_call(call, args, kwargs)
-        fresh = id(call.layer) not in rebuilder.layers
         rule = get_rule(call.layer)
+        if not isinstance(call.layer, keras.layers.Layer):  # a stateless keras.ops operation
+            op_call = _op_call(graph, rebuilder, call, args, kwargs, keep_in, keep_out)
+            return rule.slice_call(op_call)
+        if id(call.layer) in rebuilder.layers:  # a shared layer, sliced at its first call
+            return rebuilder.call_with(call, args, kwargs)
         full_in = [k if k is not None else np.ones(0, bool) for k in keep_in]
         full_out = [k if k is not None else np.ones(0, bool) for k in keep_out]
         config, weights = rule.slice(call.layer, dict(weights_of(call.layer)), full_in, full_out)
-        layer = rebuilder.layer_for(call, lambda name: clone_layer(call.layer, config, name))
-        out = layer(*args, **kwargs)
-        if fresh and isinstance(layer, keras.layers.Layer):
-            assign(layer, weights)
-            if isinstance(layer, keras.layers.Normalization):
-                layer.finalize_state()
-        return out
+        return rebuilder.call_with(call, args, kwargs, config, weights)
 
     rebuilder = Rebuilder(graph.flat, make_call)
     return rebuilder.run()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Callable
 
 import keras
@@ -40,13 +41,76 @@ def assign(layer, values: dict | list) -> None:
 
 
 def clone_layer(layer, config: dict | None = None, name: str | None = None):
-    """A new, unbuilt layer of `layer`'s class from `config` (default: its own)."""
+    """A new, unbuilt layer of `layer`'s class from `config` (default: a copy of its own).
+
+    With no `config`, the copy does not hinge on the layer's own
+    `get_config`/`from_config` round trip alone (some third-party layers
+    write configs their constructor refuses). Tried in order: the layer's
+    `get_config()`; the same without the keys its constructor does not take;
+    the constructor arguments Keras recorded when the layer was made.
+
+    Raises:
+        KprunError: naming the layer and the reason, when no copy can be made.
+    """
     if not isinstance(layer, keras.layers.Layer):
         return layer  # a stateless keras.ops operation: reuse it
-    config = dict(config if config is not None else layer.get_config())
-    if name is not None:
-        config["name"] = name
-    return layer.__class__.from_config(config)
+    cls = type(layer)
+    attempts = [("the new config", lambda: config)] if config is not None else _copy_configs(layer)
+    tried = []
+    for how, make in attempts:
+        try:
+            new = dict(make())
+            if name is not None:
+                new["name"] = name
+            return cls.from_config(new)
+        except Exception as exc:
+            tried.append(f"{how} fails ({_first_line(exc)})")
+    raise KprunError(f"Layer '{layer.name}' ({cls.__name__}) cannot be copied: "
+                     + "; ".join(tried))
+
+
+_LAYER_KEYS = ("name", "trainable", "dtype")
+
+
+def _copy_configs(layer) -> list:
+    """(description, config factory) pairs for copying `layer`, best first."""
+
+    def known_keys():
+        accepted = _init_parameters(type(layer))
+        if accepted is None:
+            raise KprunError("the constructor's signature cannot be read")
+        config = layer.get_config()
+        known = {k: v for k, v in config.items() if k in accepted or k in _LAYER_KEYS}
+        if len(known) == len(config):
+            raise KprunError("no key to leave out")
+        return known
+
+    def recorded():
+        auto = getattr(layer, "_auto_config", None)
+        if auto is None:
+            raise KprunError("Keras recorded no constructor arguments")
+        return {**dict(auto.config), "name": layer.name}
+
+    return [("from_config(get_config())", layer.get_config),
+            ("get_config() without the keys __init__ does not take", known_keys),
+            ("the recorded constructor arguments", recorded)]
+
+
+def _init_parameters(cls) -> set | None:
+    """Names `cls.__init__` takes explicitly, or None if they cannot be read."""
+    try:
+        params = inspect.signature(cls.__init__).parameters
+    except (TypeError, ValueError):
+        return None
+    return {n for n, p in params.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    for line in text.splitlines():
+        if line.startswith("Exception encountered:"):
+            text = line[len("Exception encountered:"):].strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0][:200] if text else ''}"
 
 
 class Rebuilder:
@@ -93,6 +157,8 @@ class Rebuilder:
                 self.tensors[id(old)] = new
         outputs = keras.tree.map_structure(self._map, self.flat.output_structure)
         inputs = new_inputs[0] if len(new_inputs) == 1 else new_inputs
+        if self.flat.input_structure is not None:
+            inputs = keras.tree.map_structure(self._map, self.flat.input_structure)
         return keras.Model(inputs, outputs, name=name or self.flat.model.name)
 
     def _map(self, x):
@@ -142,14 +208,46 @@ class Rebuilder:
             The call's outputs in the new model.
         """
         fresh = id(call.layer) not in self.layers
-        layer = self.layer_for(call, lambda name: clone_layer(call.layer, config, name))
+        initializers = {}
+
+        def make(name):
+            layer = clone_layer(call.layer, config, name)
+            initializers.update(_placeholder_initializers(layer))
+            return layer
+
+        layer = self.layer_for(call, make)
         out = layer(*args, **kwargs)
         if fresh and isinstance(layer, keras.layers.Layer):
+            for key, initializer in initializers.items():
+                setattr(layer, key, initializer)
             if weights is None:
                 copy_state(call.layer, layer)
             else:
                 assign(layer, weights)
+                if isinstance(layer, keras.layers.Normalization):
+                    layer.finalize_state()
         return out
+
+
+def _placeholder_initializers(layer) -> dict:
+    """Give the unbuilt `layer` zeros initializers; return the real ones to put back.
+
+    The rebuilt layer's weights are overwritten right after it is built, so
+    drawing random initial values (most of a rebuild's time) is wasted. Only
+    initializers held as attributes named like their config key are swapped,
+    so `get_config()` of the finished layer is unchanged.
+    """
+    originals = {}
+    for key in getattr(layer, "__dict__", {}):
+        value = getattr(layer, key, None)
+        if key.endswith("_initializer") and isinstance(value, keras.initializers.Initializer):
+            originals[key] = value
+    for key in originals:
+        setattr(layer, key, _ZEROS)
+    return originals
+
+
+_ZEROS = keras.initializers.Zeros()
 
 
 def copy_state(src, dst) -> None:

@@ -78,13 +78,15 @@ def check_equivalence(model: keras.Model, plan: Mapping, x, rtol: float = 1e-5,
         The pruned model.
 
     Raises:
-        AssertionError: if any output differs.
+        AssertionError: if any output differs, or the pruned model's output
+            structure is not the original's.
     """
     graph = graph or DependencyGraph(model)
     small = apply_plan(model, plan, graph)
     ref = zero_plan(model, plan, graph)
-    got = keras.tree.flatten(small(x, training=False))
-    want = keras.tree.flatten(ref(x, training=False))
+    got, want = small(x, training=False), model(x, training=False)
+    keras.tree.assert_same_structure(got, want)
+    got, want = keras.tree.flatten(got), keras.tree.flatten(ref(x, training=False))
     for g, w in zip(got, want):
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=rtol, atol=atol)
     return small
