@@ -72,6 +72,9 @@ def _conv(layer, ins, outs):
     spatial_out, cout = _spatial_and_channels(layer, outs[0])
     _, cin = _spatial_and_channels(layer, ins[0])
     groups = int(getattr(layer, "groups", 1) or 1)
+    kernel = getattr(layer, "kernel", None)
+    if groups > 1 and kernel is not None and int(kernel.shape[-2]) == 1:
+        groups = int(cin)  # one input channel per group: pruning removes whole groups
     return _prod(layer.kernel_size) * int(cin) // groups * int(cout) * _prod(spatial_out)
 
 

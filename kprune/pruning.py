@@ -276,8 +276,8 @@ def _search(model, graph, groups, scores, flops_target, scope, guards, verbose):
         raise KprunError(
             f"Model '{model.name}' cannot reach {flops_target:.1%} of its MACs: "
             + (f"groups are left whole by layers kprune cannot prune through: {blocked}; "
-               if blocked else "")
-            + f"with them, the guards (max_ratio={guards['max_ratio']}, "
+               "with them, " if blocked else "")
+            + f"the guards (max_ratio={guards['max_ratio']}, "
             f"min_channels={guards['min_channels']}, round_to={guards['round_to']}) and "
             f"exclusions leave {cost(last) / base:.1%}. "
             "`kprune.DependencyGraph(model).summary()` lists every group's reason.")
@@ -379,7 +379,9 @@ def prune(model: keras.Model, *, ratio: float | None = None, flops_target: float
         batch_size: Batch size for data criteria given arrays.
 
     Returns:
-        A new Keras model of plain layers.
+        A new Keras model of plain layers, with the original's input and
+        output structure; a KerasHub backbone or image classifier comes back
+        as the same kind of KerasHub model (`kprune.surgeon.hub`).
 
     Raises:
         KprunError: for any invalid argument, a model kprune cannot read, or a

@@ -78,6 +78,7 @@ def test_untouched_layer_is_copied_with_its_weights(layer):
 
 def test_clone_layer_says_which_ways_failed():
     layer = Hopeless(name="hopeless")
+    layer.build((None, 4))  # it holds a weight, so it cannot simply be shared
     with pytest.raises(kprune.KprunError, match=r"^Layer 'hopeless' \(Hopeless\) cannot be copied: "
                                                 r"from_config\(get_config\(\)\) fails \(TypeError"):
         clone_layer(layer)
@@ -89,3 +90,36 @@ def test_a_bad_new_config_is_a_kprune_error():
     with pytest.raises(kprune.KprunError, match=r"Layer 'd' \(Dense\) cannot be copied: "
                                                 r"the new config fails"):
         clone_layer(L.Dense(2, name="d"), {"units": -1, "name": "d"})
+
+
+class Stateless(L.Layer):
+    """No weights, and a constructor argument Keras cannot record."""
+
+    def __init__(self, fn, **kwargs):
+        super().__init__(**kwargs)
+        self.fn = fn
+
+    def call(self, x):
+        return self.fn(x)
+
+    def get_config(self):
+        raise TypeError("cannot serialize a function")
+
+
+def test_an_uncopyable_stateless_layer_is_called_again():
+    model = _model(Stateless(keras.ops.tanh, name="fn"))
+    x = np.random.default_rng(1).normal(size=(4, 6)).astype("float32")
+    copy = copy_model(model)
+    assert copy.get_layer("fn") is model.get_layer("fn")
+    np.testing.assert_allclose(np.asarray(copy(x)), np.asarray(model(x)), rtol=1e-6, atol=1e-6)
+
+
+def test_a_copy_made_past_a_broken_config_saves_and_reloads(tmp_path):
+    model = _model(ExtraKeys(5, name="extra"))
+    copy = copy_model(model)
+    assert "num_cells" not in copy.get_layer("extra").get_config()
+    copy.save(tmp_path / "m.keras")
+    loaded = keras.saving.load_model(tmp_path / "m.keras", safe_mode=True,
+                                     custom_objects={"ExtraKeys": ExtraKeys})
+    x = np.random.default_rng(1).normal(size=(4, 6)).astype("float32")
+    np.testing.assert_allclose(np.asarray(loaded(x)), np.asarray(model(x)), rtol=1e-6, atol=1e-6)

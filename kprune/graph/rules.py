@@ -70,7 +70,13 @@ class LayerRule:
         raise NotImplementedError
 
     def slice(self, layer, weights: dict, keep_in: list, keep_out: list):
-        return layer.get_config(), dict(weights)
+        """(new config, new weights) once channels are removed.
+
+        A config of None means "the layer's own": the surgeon copies it as it
+        copies an untouched layer, so a layer whose config does not
+        round-trip can still sit on a pruned group.
+        """
+        return None, dict(weights)
 
     def zero(self, layer, weights: dict, drop_in: list) -> dict:
         return dict(weights)
@@ -137,6 +143,12 @@ class ConvRule(LayerRule):
         cout = int(layer.filters)
         groups = int(getattr(layer, "groups", 1) or 1)
         out_axis = channel_axis(layer, len(ctx.out_shapes[0]))
+        if spec is not None and groups > 1 and groups == spec.size and cout % groups == 0:
+            # One input channel per conv group (a depthwise conv written as Conv2D):
+            # removing a channel removes its group and its outputs, like DepthwiseConv.
+            atoms = np.repeat(spec.atoms, cout // groups)
+            ctx.param(atoms)
+            return [ChannelSpec(out_axis, atoms)]
         if spec is not None and groups > 1 and spec.size == cout:
             # Grouped conv with Cin == Cout (ResNeXt, depthwise-like): channel i in
             # and out are removed together, evenly over the conv groups.
@@ -162,6 +174,9 @@ class ConvRule(LayerRule):
         kernel = w["kernel"]
         if groups == 1:
             w["kernel"] = kernel[..., _idx(kin), :][..., _idx(kout)]
+        elif kernel.shape[-2] == 1 and len(kin) == groups:  # depthwise-like: groups shrink
+            w["kernel"] = kernel[..., _idx(kout)]
+            config["groups"] = int(kin.sum())
         else:
             w["kernel"] = _slice_grouped(layer.name, kernel, kin, kout, groups)
         if "bias" in w:
@@ -617,7 +632,7 @@ class FlattenRule(LayerRule):
         return [ChannelSpec(1, spec.atoms[positions])]
 
     def slice(self, layer, weights, keep_in, keep_out):
-        return layer.get_config(), dict(weights)
+        return None, dict(weights)
 
 
 class ReshapeRule(LayerRule):

@@ -18,6 +18,7 @@ import dataclasses
 from typing import Any
 
 import keras
+import numpy as np
 
 from kprune.errors import KprunError
 from kprune.graph.rules import has_rule
@@ -291,7 +292,63 @@ def trace(layer, args, kwargs):
         return None, f"its call does not trace on symbolic inputs ({type(exc).__name__}: {message})"
     finally:
         _restore_node_lists(saved)
-    return inner, None
+    why = _lost_shapes(inputs, inner) or _check_trace(layer, inner, args, kwargs)
+    return (None, why) if why else (inner, None)
+
+
+def _lost_shapes(inputs: list, inner) -> str | None:
+    """Why the trace is refused if it leaves sizes unknown that its inputs fixed."""
+    if any(d is None for t in inputs for d in t.shape[1:]):
+        return None
+    for node in _ordered_nodes(inner):
+        for t in node.outputs:
+            if is_tensor(t) and any(d is None for d in t.shape[1:]):
+                return (f"its trace loses static sizes (the output of "
+                        f"'{node.operation.name}' has shape {tuple(t.shape)})")
+    return None
+
+
+def _check_trace(layer, inner, args, kwargs) -> str | None:
+    """Run `layer` and its trace on one random batch; why they differ, or None.
+
+    A trace can be wrong where the layer reads shapes at run time (a
+    `keras.ops.shape(x)[0]` batch size becomes a fixed None) or loses
+    static shapes; those traces are refused. Unknown sizes are taken as 2
+    (batch) and 16; if the layer itself cannot run on such a batch, the trace
+    is kept unchecked.
+    """
+    rng = np.random.default_rng(0)
+
+    def sample(x):
+        if not is_tensor(x):
+            return x
+        shape = tuple((2 if i == 0 else 16) if d is None else int(d) for i, d in enumerate(x.shape))
+        if "float" in str(x.dtype):
+            return rng.normal(size=shape).astype(x.dtype)
+        return np.zeros(shape, dtype=x.dtype)
+
+    real_args = keras.tree.map_structure(sample, args)
+    real_kwargs = keras.tree.map_structure(sample, kwargs)
+    try:
+        want = layer(*real_args, **real_kwargs)
+    except Exception:  # the layer needs other sizes: nothing to compare against
+        return None
+    try:
+        got = inner(_flat_tensors_or_arrays(real_args) + _flat_tensors_or_arrays(real_kwargs))
+        keras.tree.assert_same_structure(got, want)
+        for g, w in zip(keras.tree.flatten(got), keras.tree.flatten(want)):
+            g, w = keras.ops.convert_to_numpy(g), keras.ops.convert_to_numpy(w)
+            scale = float(np.max(np.abs(w))) if w.size else 0.0
+            np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5 * max(1.0, scale))
+    except Exception as exc:
+        text = str(exc).strip().splitlines()
+        return ("its traced graph does not compute what the layer computes "
+                f"({type(exc).__name__}: {text[0][:120] if text else ''})")
+    return None
+
+
+def _flat_tensors_or_arrays(structure) -> list:
+    return [x for x in keras.tree.flatten(structure) if isinstance(x, np.ndarray)]
 
 
 def _node_lists(layer) -> list:

@@ -57,16 +57,28 @@ def clone_layer(layer, config: dict | None = None, name: str | None = None):
     cls = type(layer)
     attempts = [("the new config", lambda: config)] if config is not None else _copy_configs(layer)
     tried = []
-    for how, make in attempts:
+    for i, (how, make) in enumerate(attempts):
         try:
             new = dict(make())
             if name is not None:
                 new["name"] = name
-            return cls.from_config(new)
+            copy = cls.from_config(new)
         except Exception as exc:
             tried.append(f"{how} fails ({_first_line(exc)})")
+            continue
+        if i > 0:
+            # The layer's own get_config does not round-trip: the copy saves the
+            # config it was made from, so the rebuilt model saves and reloads.
+            copy.get_config = lambda config=new: dict(config)
+        return copy
+    if config is None and not layer.variables and not _has_sublayers(layer):
+        return layer  # stateless and uncopyable: the rebuilt model calls the same layer
     raise KprunError(f"Layer '{layer.name}' ({cls.__name__}) cannot be copied: "
                      + "; ".join(tried))
+
+
+def _has_sublayers(layer) -> bool:
+    return bool(list(layer._flatten_layers(include_self=False, recursive=False)))
 
 
 _LAYER_KEYS = ("name", "trainable", "dtype")
@@ -91,9 +103,15 @@ def _copy_configs(layer) -> list:
             raise KprunError("Keras recorded no constructor arguments")
         return {**dict(auto.config), "name": layer.name}
 
+    def base_only():
+        if layer.weights or _init_parameters(type(layer)) != {"self"}:
+            raise KprunError("the layer has weights or constructor arguments of its own")
+        return {"name": layer.name, "trainable": layer.trainable, "dtype": layer.dtype_policy}
+
     return [("from_config(get_config())", layer.get_config),
             ("get_config() without the keys __init__ does not take", known_keys),
-            ("the recorded constructor arguments", recorded)]
+            ("the recorded constructor arguments", recorded),
+            ("the bare constructor of a layer without arguments or weights", base_only)]
 
 
 def _init_parameters(cls) -> set | None:
@@ -216,7 +234,11 @@ class Rebuilder:
             return layer
 
         layer = self.layer_for(call, make)
-        out = layer(*args, **kwargs)
+        try:
+            out = layer(*args, **kwargs)
+        except Exception as exc:
+            raise KprunError(f"Layer '{call.layer.name}' ({type(call.layer).__name__}) fails when "
+                             f"called in the rebuilt model: {_first_line(exc)}") from None
         if fresh and isinstance(layer, keras.layers.Layer):
             for key, initializer in initializers.items():
                 setattr(layer, key, initializer)
