@@ -62,6 +62,15 @@ class FlatGraph:
     calls: list
     output_structure: Any = None
     input_structure: Any = None
+    aliases: dict = dataclasses.field(default_factory=dict)
+
+    def resolve(self, tensor):
+        """The flat graph's tensor for a tensor of the model (or of a model nested in it).
+
+        The output of a nested model or of an inlined composite layer is
+        computed, in the flat graph, by the last of its inner calls.
+        """
+        return self.aliases.get(id(tensor), tensor)
 
     def producer(self, tensor) -> Call | None:
         """The call that produced `tensor`, or None for a model input."""
@@ -151,7 +160,8 @@ def walk(model: keras.Model) -> FlatGraph:
     graph = _graph_of(model)
     calls: list = []
     alias: dict = {}
-    _walk_into(graph, alias, calls)
+    aliases: dict = {}
+    _walk_into(graph, alias, calls, aliases)
 
     def resolve(x):
         return alias.get(id(x), x) if is_tensor(x) else x
@@ -166,15 +176,16 @@ def walk(model: keras.Model) -> FlatGraph:
         # A Sequential model takes one tensor, whatever its inner graph holds.
         input_structure=None if isinstance(model, keras.Sequential)
         else getattr(graph, "_inputs_struct", None),
+        aliases=aliases,
     )
 
 
-def _walk_into(graph, alias: dict, calls: list) -> None:
+def _walk_into(graph, alias: dict, calls: list, aliases: dict) -> None:
     """Append the calls of `graph` to `calls`.
 
     `alias` maps id(inner tensor) -> outer tensor, so the calls of a nested model
     (or of a traced composite layer) read and write the tensors of the
-    enclosing graph.
+    enclosing graph. `aliases` collects every such mapping, at every depth.
     """
 
     def resolve(x):
@@ -190,12 +201,12 @@ def _walk_into(graph, alias: dict, calls: list) -> None:
         opaque = None
         if isinstance(op, keras.Model):
             check_model(op)
-            _inline(_graph_of(op), op.name, args, kwargs, outputs, alias, calls)
+            _inline(_graph_of(op), op.name, args, kwargs, outputs, alias, calls, aliases)
             continue
         if is_composite(op):
             inner, opaque = trace(op, node.arguments.args, node.arguments.kwargs)
             if inner is not None:
-                _inline(inner, op.name, args, kwargs, outputs, alias, calls)
+                _inline(inner, op.name, args, kwargs, outputs, alias, calls, aliases)
                 continue
         calls.append(
             Call(
@@ -209,7 +220,8 @@ def _walk_into(graph, alias: dict, calls: list) -> None:
         )
 
 
-def _inline(inner, name: str, args, kwargs, outputs: list, alias: dict, calls: list) -> None:
+def _inline(inner, name: str, args, kwargs, outputs: list, alias: dict, calls: list,
+            aliases: dict) -> None:
     """Walk the graph `inner` (a nested model or a traced layer) in place of its call."""
     inner_inputs = list(inner.inputs)
     given = _flat_tensors(args) + _flat_tensors(kwargs)
@@ -221,9 +233,11 @@ def _inline(inner, name: str, args, kwargs, outputs: list, alias: dict, calls: l
     inner_alias = dict(alias)
     for t_in, t_out in zip(inner_inputs, given):
         inner_alias[id(t_in)] = t_out
-    _walk_into(inner, inner_alias, calls)
+    _walk_into(inner, inner_alias, calls, aliases)
     for t_inner, t_outer in zip(_flat_tensors(inner.outputs), outputs):
-        alias[id(t_outer)] = inner_alias.get(id(t_inner), t_inner)
+        alias[id(t_outer)] = aliases[id(t_outer)] = inner_alias.get(id(t_inner), t_inner)
+    for t_in, t_out in zip(inner_inputs, given):
+        aliases.setdefault(id(t_in), t_out)
 
 
 # --------------------------------------------------------------------------

@@ -39,6 +39,7 @@ import keras
 import numpy as np
 
 from kprune.errors import KprunError
+from kprune.surgeon.rebuild import rebuilder_of
 
 _PACKAGE = "kprune"
 _REGISTERED_NAME = f"{_PACKAGE}>PrunedBackbone"
@@ -245,6 +246,9 @@ class _TensorMap:
 
         self.flat = walk(original)
         self.rebuilt = rebuilt
+        # The surgeon's own maps, when it made `rebuilt` (by names otherwise).
+        source = rebuilder_of(rebuilt)
+        self.source = source if source is not None and source.flat.model is original else None
         self.names = self._rebuilt_names()
         self.ops = {op.name: op for op in rebuilt.operations}
         self.inputs = {id(t): i for i, t in enumerate(self.flat.inputs)}
@@ -280,6 +284,8 @@ class _TensorMap:
 
     def layer(self, layer):
         """The rebuilt model's layer standing for the original's `layer`."""
+        if self.source is not None and id(layer) in self.source.layers:
+            return self.source.layers[id(layer)]
         name = self.names.get(id(layer))
         new = self.ops.get(name) if name is not None else None
         if new is None or type(new) is not type(layer):
@@ -289,6 +295,8 @@ class _TensorMap:
 
     def tensor(self, t):
         """The rebuilt model's tensor standing for the original's tensor `t`."""
+        if self.source is not None:
+            return self.source.new_tensor(t)
         if id(t) in self.inputs:
             return self.rebuilt.inputs[self.inputs[id(t)]]
         if id(t) not in self.where:
@@ -376,11 +384,22 @@ def pruned_backbone(original: keras.Model, rebuilt: keras.Model, *, backbone=Non
 # Tasks
 # --------------------------------------------------------------------------
 def _head_calls(model, backbone) -> list:
-    """Calls of `model`'s flat graph made by layers outside `backbone`."""
-    from kprune.graph.walk import walk
+    """The calls of `model`'s own graph after its backbone (the task's head), in order.
 
-    inside = {id(c.layer) for c in walk(backbone).calls}
-    return [c for c in walk(model).calls if id(c.layer) not in inside]
+    Only the task's top-level nodes count: the backbone is one node of them,
+    so what happens inside it (composite layers traced, operations named
+    afresh) does not make two heads differ.
+    """
+    from kprune.graph.walk import _ordered_nodes
+
+    return [_HeadCall(node.operation) for node in _ordered_nodes(model)
+            if node.operation is not backbone
+            and not isinstance(node.operation, keras.layers.InputLayer)]
+
+
+class _HeadCall:
+    def __init__(self, layer):
+        self.layer = layer
 
 
 def _config_without_name(layer) -> dict:
@@ -400,6 +419,12 @@ def _task_kwargs(original) -> dict:
     return config
 
 
+def _head_key(layer) -> str:
+    """What must match between two heads: the class of each call (names are made
+    afresh, `flatten` then `flatten_1`, each time a task is built)."""
+    return type(layer).__name__
+
+
 def _rebuild_task(original, rebuilt, tensors: _TensorMap):
     """The same task class on the pruned backbone, head weights from `rebuilt`."""
     backbone = pruned_backbone(original, rebuilt, tensors=tensors)
@@ -407,11 +432,10 @@ def _rebuild_task(original, rebuilt, tensors: _TensorMap):
                           **_task_kwargs(original))
     old_head = _head_calls(original, original.backbone)
     new_head = _head_calls(task, task.backbone)
-    old_names = [(c.layer.name, type(c.layer)) for c in old_head]
-    new_names = [(c.layer.name, type(c.layer)) for c in new_head]
+    old_names = [_head_key(c.layer) for c in old_head]
+    new_names = [_head_key(c.layer) for c in new_head]
     if old_names != new_names:
-        raise KprunError(f"the rebuilt head is {[n for n, _ in new_names]}, the original's "
-                         f"{[n for n, _ in old_names]}")
+        raise KprunError(f"the rebuilt head is {new_names}, the original's {old_names}")
     from kprune.surgeon.rebuild import copy_state
 
     done = set()

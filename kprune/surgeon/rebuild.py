@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import weakref
 from typing import Callable
 
 import keras
@@ -177,7 +178,17 @@ class Rebuilder:
         inputs = new_inputs[0] if len(new_inputs) == 1 else new_inputs
         if self.flat.input_structure is not None:
             inputs = keras.tree.map_structure(self._map, self.flat.input_structure)
-        return keras.Model(inputs, outputs, name=name or self.flat.model.name)
+        model = keras.Model(inputs, outputs, name=name or self.flat.model.name)
+        _SOURCES[model] = self
+        return model
+
+    def new_tensor(self, tensor):
+        """The rebuilt model's tensor for a tensor of the source model (nested ones too)."""
+        new = self.tensors.get(id(self.flat.resolve(tensor)))
+        if new is None:
+            raise KprunError(f"Tensor '{tensor.name}' is not computed in model "
+                             f"'{self.flat.model.name}'.")
+        return new
 
     def _map(self, x):
         if is_tensor(x):
@@ -270,6 +281,17 @@ def _placeholder_initializers(layer) -> dict:
 
 
 _ZEROS = keras.initializers.Zeros()
+
+
+_SOURCES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def rebuilder_of(model) -> "Rebuilder | None":
+    """The `Rebuilder` that made `model` (its tensor and layer maps), or None."""
+    try:
+        return _SOURCES.get(model)
+    except TypeError:
+        return None
 
 
 def copy_state(src, dst) -> None:
