@@ -5,7 +5,8 @@ with random weights, so it runs offline), then `randomize`d. One row per
 model, one cell per check; a check that fails does not stop the survey:
 
     groups   prunable/total dependency groups (`kprune.DependencyGraph`)
-    conv     the same for groups with a Conv / Depthwise / Separable producer
+    conv     the same for groups with a Conv / Depthwise / Separable producer,
+             leaving out those that reach a model output (whole by design)
     seen     conv layers the graph reaches / conv layers in the model (a conv
              hidden in an opaque composite layer is not seen), and `+Nop` for
              N composite layers the graph kept opaque
@@ -173,8 +174,12 @@ def is_conv_group(group) -> bool:
 
 
 def group_counts(graph) -> tuple:
-    """(prunable, total) over all groups and over conv groups."""
-    conv = [g for g in graph.groups if is_conv_group(g)]
+    """(prunable, total) over all groups, and over conv groups in play.
+
+    A conv group is in play unless the model itself keeps it whole (it
+    reaches a model input or output): those stay whole by design.
+    """
+    conv = [g for g in graph.groups if is_conv_group(g) and (g.prunable or g.blocker is not None)]
     return ((len(graph.prunable_groups()), len(graph.groups)),
             (sum(g.prunable for g in conv), len(conv)))
 
