@@ -233,84 +233,35 @@ def __getattr__(name):
 # From the original's tensors to the rebuilt model's
 # --------------------------------------------------------------------------
 class _TensorMap:
-    """Finds, in the rebuilt model, the tensor standing for a tensor of the original.
+    """Finds, in the rebuilt model, the layer or tensor standing for one of the original's.
 
-    The surgeon's `Rebuilder` calls one new layer per source layer, in the
-    order of `walk(original)`, named after it (made unique in the same
-    order), so a tensor made by the k-th call of layer L is made by the k-th
-    call of L's namesake in the rebuilt model.
+    It reads the maps of the surgeon's `Rebuilder` that made `rebuilt`
+    (`kprune.surgeon.rebuild.rebuilder_of`), so it is exact for any model
+    kprune rebuilt from `original`.
+
+    Raises:
+        KprunError: if kprune's surgeon did not make `rebuilt` from `original`.
     """
 
     def __init__(self, original: keras.Model, rebuilt: keras.Model):
-        from kprune.graph.walk import walk
-
-        self.flat = walk(original)
-        self.rebuilt = rebuilt
-        # The surgeon's own maps, when it made `rebuilt` (by names otherwise).
         source = rebuilder_of(rebuilt)
-        self.source = source if source is not None and source.flat.model is original else None
-        self.names = self._rebuilt_names()
-        self.ops = {op.name: op for op in rebuilt.operations}
-        self.inputs = {id(t): i for i, t in enumerate(self.flat.inputs)}
-        self.where: dict = {}
-        seen: dict = {}
-        for call in self.flat.calls:
-            k = seen.get(id(call.layer), 0)
-            seen[id(call.layer)] = k + 1
-            for i, t in enumerate(call.outputs):
-                self.where[id(t)] = (call.layer, k, i)
-        if len(rebuilt.inputs) != len(self.flat.inputs):
-            raise KprunError(f"The rebuilt model has {len(rebuilt.inputs)} inputs; "
-                             f"'{original.name}' has {len(self.flat.inputs)}.")
-
-    def _rebuilt_names(self) -> dict:
-        """id(source layer) -> its name in the rebuilt model (as `Rebuilder.unique_name`)."""
-        used = {t._keras_history.operation.name for t in self.flat.inputs}
-        names = {}
-        for call in self.flat.calls:
-            if id(call.layer) in names:
-                continue
-            if not isinstance(call.layer, keras.layers.Layer):
-                names[id(call.layer)] = call.layer.name  # stateless ops are reused as they are
-                continue
-            base = name = call.layer.name
-            i = 1
-            while name in used:
-                name = f"{base}_{i}"
-                i += 1
-            used.add(name)
-            names[id(call.layer)] = name
-        return names
+        if source is None or source.flat.model is not original:
+            raise KprunError(f"Model '{rebuilt.name}' was not rebuilt by kprune's surgeon from "
+                             f"'{original.name}'.")
+        self.source = source
+        self.inputs = {id(t) for t in source.flat.inputs}
 
     def layer(self, layer):
         """The rebuilt model's layer standing for the original's `layer`."""
-        if self.source is not None and id(layer) in self.source.layers:
-            return self.source.layers[id(layer)]
-        name = self.names.get(id(layer))
-        new = self.ops.get(name) if name is not None else None
-        if new is None or type(new) is not type(layer):
-            raise KprunError(f"Layer '{layer.name}' ({type(layer).__name__}) has no namesake "
-                             "of its class in the rebuilt model.")
+        new = self.source.layers.get(id(layer))
+        if new is None:
+            raise KprunError(f"Layer '{layer.name}' ({type(layer).__name__}) is not called in "
+                             "the rebuilt model.")
         return new
 
     def tensor(self, t):
         """The rebuilt model's tensor standing for the original's tensor `t`."""
-        if self.source is not None:
-            return self.source.new_tensor(t)
-        if id(t) in self.inputs:
-            return self.rebuilt.inputs[self.inputs[id(t)]]
-        if id(t) not in self.where:
-            raise KprunError(f"Tensor '{t.name}' is not computed in the original model.")
-        layer, k, i = self.where[id(t)]
-        nodes = _own_nodes(self.rebuilt, self.layer(layer))
-        if k >= len(nodes):
-            raise KprunError(f"Layer '{layer.name}' is called {len(nodes)} times in the rebuilt "
-                             f"model, fewer than in the original.")
-        outs = keras.tree.flatten(nodes[k].outputs)
-        if i >= len(outs) or len(outs[i].shape) != len(t.shape):
-            raise KprunError(f"Output {i} of layer '{layer.name}' does not match in the "
-                             "rebuilt model.")
-        return outs[i]
+        return self.source.new_tensor(t)
 
 
 def _class_name(obj) -> str:
