@@ -10,7 +10,6 @@ True
 from __future__ import annotations
 
 import dataclasses
-import math
 import warnings
 from typing import Mapping, Sequence
 

@@ -12,7 +12,7 @@ keras_hub = pytest.importorskip("keras_hub", reason="keras-hub is the optional [
 import hub_archs  # noqa: E402
 import kprune  # noqa: E402
 from kprune.surgeon import zero_plan  # noqa: E402
-from kprune.tools.verify import check_equivalence, random_plan, randomize  # noqa: E402
+from kprune.tools.verify import random_plan, randomize  # noqa: E402
 
 CONV = (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.SeparableConv2D,
         keras.layers.DepthwiseConv2D, keras.layers.Conv2DTranspose)
