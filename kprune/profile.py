@@ -12,8 +12,10 @@ sample.
 - EinsumDense, and the `keras.ops` einsum and matmul calls of inlined
   composite layers: every output element costs the product of the
   contracted axes.
-- MultiHeadAttention: its query, key, value and output projections plus the
-  attention scores and their weighted sum.
+- MultiHeadAttention and GroupQueryAttention: the query, key, value and
+  output projections plus `QK^T` (`heads * T * S * key_dim`) and the weighted
+  sum of the values (`heads * T * S * value_dim`), which grow with the
+  sequence lengths `T` and `S`.
 - SimpleRNN/GRU/LSTM: `gates * units * (features + units)` per time step
   (1, 3 and 4 gates); Bidirectional counts both directions, TimeDistributed
   its layer once per step.
@@ -38,6 +40,7 @@ import numpy as np
 from kprune.errors import KprunError
 from kprune.graph.walk import walk
 from kprune.layers.compactor import Compactor, compactor_macs
+from kprune.layers.tokens import ClassToken, PositionEmbedding
 from kprune.layers.learned_group_conv import (LearnedDense, LearnedGroupConv, learned_dense_macs,
                                               learned_group_conv_macs)
 
@@ -139,6 +142,16 @@ def _attention(layer, ins, outs):
     return projections + heads * tq * tv * (key_dim + value_dim)
 
 
+def _grouped_attention(layer, ins, outs):
+    query, value = ins[0], ins[1] if len(ins) > 1 else ins[0]
+    q_heads, kv_heads = int(layer.num_query_heads), int(layer.num_key_value_heads)
+    head_dim = int(layer.head_dim)
+    tq, tv = _prod(query[1:-1]), _prod(value[1:-1])
+    projections = (tq * int(query[-1]) * q_heads + 2 * tv * int(value[-1]) * kv_heads
+                   + tq * q_heads * int(outs[0][-1])) * head_dim
+    return projections + 2 * q_heads * tq * tv * head_dim
+
+
 def _rnn(layer, ins, outs):
     steps, features = ins[0][1], ins[0][-1]
     gates = {"SimpleRNN": 1, "GRU": 3, "LSTM": 4}[type(layer).__name__]
@@ -170,6 +183,7 @@ def _register_defaults():
     register_macs(L.Dense, _dense)
     register_macs(L.EinsumDense, _einsum_dense)
     register_macs(L.MultiHeadAttention, _attention)
+    register_macs(L.GroupQueryAttention, _grouped_attention)
     register_macs(keras.src.ops.numpy.Einsum, _einsum_op)
     register_macs(keras.src.ops.numpy.Matmul, _matmul_op)
     for cls in (L.SimpleRNN, L.GRU, L.LSTM):
@@ -184,18 +198,33 @@ def _register_defaults():
 _register_defaults()
 
 
-def layer_macs(layer, input_shapes: Sequence, output_shapes: Sequence) -> int:
+class _Resized:
+    """A layer seen with some size attributes replaced (`num_heads` of a pruned attention)."""
+
+    def __init__(self, layer, attrs: dict):
+        self._layer, self._attrs = layer, attrs
+
+    def __getattr__(self, name):
+        attrs = self.__dict__["_attrs"]
+        return attrs[name] if name in attrs else getattr(self.__dict__["_layer"], name)
+
+
+def layer_macs(layer, input_shapes: Sequence, output_shapes: Sequence,
+               attrs: dict | None = None) -> int:
     """MACs of one call of `layer` for one sample (0 for uncounted layer types).
 
     Args:
         layer: The called layer.
         input_shapes: Shapes of the call's input tensors, batch axis included.
         output_shapes: Shapes of its output tensors.
+        attrs: Size attributes to read instead of the layer's own (for
+            example `{"num_heads": 2}`), to count a planned, smaller layer.
     """
     fn = _COUNTERS.get(type(layer))
     if fn is None:
         return 0
-    return int(fn(layer, [tuple(s) for s in input_shapes], [tuple(s) for s in output_shapes]))
+    seen = _Resized(layer, attrs) if attrs else layer
+    return int(fn(seen, [tuple(s) for s in input_shapes], [tuple(s) for s in output_shapes]))
 
 
 @dataclasses.dataclass
@@ -300,7 +329,7 @@ def profile(model: keras.Model, input_shape: Sequence[int] | None = None) -> Pro
 # Layers with weights that do no multiply-accumulates worth counting.
 _NO_MACS = (keras.layers.BatchNormalization, keras.layers.LayerNormalization,
             keras.layers.GroupNormalization, keras.layers.Normalization, keras.layers.PReLU,
-            keras.layers.Embedding)
+            keras.layers.Embedding, ClassToken, PositionEmbedding)
 
 
 def counts(layer) -> bool:

@@ -19,7 +19,7 @@ import numpy as np
 from kprune.select import criteria as _criteria
 from kprune.select import pruners
 from kprune.errors import KprunError, KprunWarning
-from kprune.graph import DependencyGraph
+from kprune.graph import DependencyGraph, get_rule
 from kprune.surgeon import apply_plan, copy_model, drop_masks, hub
 
 _SCOPES = ("local", "global")
@@ -183,8 +183,13 @@ def plan_macs(graph: DependencyGraph, plan: Mapping) -> int | None:
             dims[graph.specs[id(t)].axis] = int(keep.sum())
         return tuple(dims)
 
+    def attrs(layer):
+        inner = graph.inner_keep(layer, drop) if drop else {}
+        return get_rule(layer).inner_attrs(layer, inner) if inner else None
+
     return int(sum(layer_macs(c.layer, [shape(t) for t in c.inputs],
-                              [shape(t) for t in c.outputs]) for c in graph.flat.calls))
+                              [shape(t) for t in c.outputs], attrs(c.layer))
+                   for c in graph.flat.calls))
 
 
 class _Trials:
@@ -293,7 +298,7 @@ def _search(model, graph, groups, scores, flops_target, scope, guards, verbose):
 # Entry points
 # --------------------------------------------------------------------------
 def _prepare(model, ratio, flops_target, criterion, scope, data, exclude, round_to, max_ratio,
-             min_channels, reduce, config_list):
+             min_channels, reduce, config_list, approximate=True):
     _check_target(ratio, flops_target, config_list)
     crit = _criteria.get_criterion(criterion)
     if scope not in _SCOPES:
@@ -308,7 +313,7 @@ def _prepare(model, ratio, flops_target, criterion, scope, data, exclude, round_
     pruners.check_guards(max_ratio, min_channels, round_to)
     entries = pruners.check_exclude(exclude)
     configs = parse_config_list(config_list) if config_list is not None else None
-    graph = DependencyGraph(model)
+    graph = DependencyGraph(model, approximate=approximate)
     _check_exclude_names(model, graph, entries)
     groups = [g for g in graph.prunable_groups() if not pruners.is_excluded(g, entries)]
     return crit, graph, groups, configs
@@ -343,7 +348,7 @@ def prune(model: keras.Model, *, ratio: float | None = None, flops_target: float
           criterion="l1", scope: str = "local", data=None, loss=None, exclude=(),
           round_to: int = 1, max_ratio: float = 0.9, min_channels: int = 1,
           reduce: str = "mean", seed: int | None = None, config_list: Sequence | None = None,
-          verbose: int = 0, batch_size: int = 32) -> keras.Model:
+          verbose: int = 0, batch_size: int = 32, approximate: bool = True) -> keras.Model:
     """Remove the least important channels and return a new, smaller model.
 
     Channels are scored once on `model` with `criterion`, reduced over the
@@ -376,6 +381,10 @@ def prune(model: keras.Model, *, ratio: float | None = None, flops_target: float
             its producers.
         verbose: Print the plan (and the search steps for `flops_target`).
         batch_size: Batch size for data criteria given arrays.
+        approximate: Also prune groups whose removal changes what the kept
+            channels compute: residual streams through LayerNorm/RMSNorm,
+            whose statistics are then taken over the kept channels (default
+            True). With False the result equals the masked original exactly.
 
     Returns:
         A new Keras model of plain layers, with the original's input and
@@ -394,16 +403,16 @@ def prune(model: keras.Model, *, ratio: float | None = None, flops_target: float
     small = _run(model, ratio=ratio, flops_target=flops_target, criterion=criterion, scope=scope,
                  data=data, loss=loss, exclude=exclude, round_to=round_to, max_ratio=max_ratio,
                  min_channels=min_channels, reduce=reduce, seed=seed, config_list=config_list,
-                 verbose=verbose, batch_size=batch_size)[1]
+                 verbose=verbose, batch_size=batch_size, approximate=approximate)[1]
     return hub.repackage(model, small)
 
 
 def _run(model, *, ratio=None, flops_target=None, criterion="l1", scope="local", data=None,
          loss=None, exclude=(), round_to=1, max_ratio=0.9, min_channels=1, reduce="mean",
-         seed=None, config_list=None, verbose=0, batch_size=32):
+         seed=None, config_list=None, verbose=0, batch_size=32, approximate=True):
     crit, graph, groups, configs = _prepare(model, ratio, flops_target, criterion, scope, data,
                                             exclude, round_to, max_ratio, min_channels, reduce,
-                                            config_list)
+                                            config_list, approximate)
     guards = dict(max_ratio=max_ratio, min_channels=min_channels, round_to=round_to)
     if configs is not None:
         sparsity = config_ratios(groups, configs)

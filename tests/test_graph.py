@@ -106,18 +106,22 @@ def test_layer_with_no_rule_stops_propagation():
     assert graph.group_of("after").prunable
 
 
-def test_layer_norm_over_channels_blocks_but_group_norm_keeps_whole_groups():
+def test_layer_norm_over_channels_is_approximate_and_group_norm_keeps_whole_groups():
     inp = keras.Input((4, 4, 3))
     a = L.Conv2D(4, 1, name="a")(inp)
-    a = L.LayerNormalization()(a)
+    a = L.LayerNormalization(name="ln")(a)
     b = L.Conv2D(6, 1, name="b")(a)
     b = L.GroupNormalization(groups=3)(b)
     out = L.Dense(2)(L.GlobalAveragePooling2D()(L.Conv2D(4, 1)(b)))
-    graph = DependencyGraph(keras.Model(inp, out))
-    assert not graph.group_of("a").prunable
-    assert "LayerNormalization" in graph.group_of("a").reason
+    model = keras.Model(inp, out)
+    graph = DependencyGraph(model)
+    ga = graph.group_of("a")
+    assert ga.prunable and ga.approximate and "ln" in [m.name for m in ga.params]
+    assert ga.notes == ["statistics of 'ln' (LayerNormalization) are taken over the kept channels"]
+    exact = DependencyGraph(model, approximate=False).group_of("a")
+    assert not exact.prunable and "LayerNormalization" in exact.reason
     gb = graph.group_of("b")
-    assert gb.prunable and gb.size == 3  # pairs of channels share one GroupNorm group
+    assert gb.prunable and gb.size == 3 and not gb.approximate  # pairs share one GroupNorm group
 
 
 def test_register_rule_extends_the_graph():

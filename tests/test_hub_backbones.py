@@ -65,8 +65,9 @@ def test_transformer_backbone_prunes_or_says_why(name):
     randomize(model, seed=0)
     x = hub_archs.sample_input(model)
     try:
-        plan = kprune.pruning.prune_plan(model, ratio=0.3)
-        small = kprune.prune(model, ratio=0.3)
+        # Exact groups only: streams through a LayerNorm are approximate by nature.
+        plan = kprune.pruning.prune_plan(model, ratio=0.3, approximate=False)
+        small = kprune.prune(model, ratio=0.3, approximate=False)
     except kprune.KprunError as exc:
         assert str(exc)  # a reason, never a bare exception from inside
         return

@@ -17,6 +17,7 @@ class Record:
     kind: str
     atoms: np.ndarray
     input_index: int = 0
+    slot: str | None = None
 
 
 class RuleContext:
@@ -52,9 +53,42 @@ class RuleContext:
         self._table.tie_groups(a, b)
 
     # Roles -----------------------------------------------------------------
-    def producer(self, atoms: np.ndarray) -> None:
-        """This layer writes the channels `atoms` (its output filters)."""
-        self._sink.records.append(Record(self.layer, "producer", atoms))
+    def producer(self, atoms: np.ndarray, slot: str | None = None) -> None:
+        """This layer writes the channels `atoms` (its output filters).
+
+        Args:
+            atoms: The channels.
+            slot: For a layer with several kinds of filters (an attention
+                layer's heads, its output projection), which ones; the rule's
+                `rows(layer, slot, weights)` reads them for weight criteria.
+        """
+        self._sink.records.append(Record(self.layer, "producer", atoms, slot=slot))
+
+    def inner(self, slot: str, n: int) -> np.ndarray:
+        """`n` channels inside the layer (attention heads, per-head widths).
+
+        They live on no tensor of the graph: the layer produces them and reads
+        them itself, and its rule slices them from the `keep_inner[slot]` mask
+        the surgeon passes. A layer called several times gets the same atoms
+        at every call.
+        """
+        key = (id(self.layer), slot)
+        if key not in self._sink.inner:
+            atoms = self.fresh(n)
+            self._sink.inner[key] = atoms
+            self.producer(atoms, slot=slot)
+        return self._sink.inner[key]
+
+    def approximate(self, atoms: np.ndarray, note: str) -> None:
+        """Removing channels of `atoms` changes what the kept ones compute.
+
+        A normalisation that takes statistics over the channels (LayerNorm,
+        RMSNorm) computes them over the kept channels once some are removed:
+        the pruned model is not the masked one, only close to it. The group is
+        marked `approximate` with `note`.
+        """
+        if len(atoms):
+            self._sink.approx.append((atoms, note))
 
     def consumer(self, atoms: np.ndarray, input_index: int = 0) -> None:
         """This layer reads the channels `atoms` through input weights."""

@@ -30,6 +30,7 @@ class Member:
     layer: keras.layers.Layer
     kind: str
     index: np.ndarray
+    slot: str | None = None
 
     @property
     def name(self) -> str:
@@ -51,6 +52,10 @@ class Group:
         producers, consumers, params: The `Member`s of each kind.
         partitions: For grouped convolutions, arrays mapping each channel to a
             conv group (-1: not in that conv); removals must be even per block.
+        approximate: Whether removing channels changes what the kept ones
+            compute (a LayerNorm's statistics): the pruned model is then close
+            to the masked one, not equal to it.
+        notes: Why the group is approximate (one line per layer).
     """
 
     id: int
@@ -62,6 +67,8 @@ class Group:
     consumers: list = dataclasses.field(default_factory=list)
     params: list = dataclasses.field(default_factory=list)
     partitions: list = dataclasses.field(default_factory=list)
+    approximate: bool = False
+    notes: list = dataclasses.field(default_factory=list)
 
     @property
     def members(self) -> list:
@@ -73,13 +80,16 @@ class Group:
 
     def __repr__(self):
         state = "prunable" if self.prunable else f"blocked: {self.reason}"
+        if self.prunable and self.approximate:
+            state += " (approximate)"
         names = ", ".join(m.name for m in self.producers) or "-"
         return f"<Group {self.id} size={self.size} producers=[{names}] {state}>"
 
 
 class _Sink:
     def __init__(self):
-        self.records, self.partitions, self.blocks = [], [], []
+        self.records, self.partitions, self.blocks, self.approx = [], [], [], []
+        self.inner: dict = {}
 
 
 class DependencyGraph:
@@ -89,6 +99,11 @@ class DependencyGraph:
         model: A built functional or Sequential model (nested models are inlined).
         prune_outputs: Allow pruning groups that reach a model output (default
             False: the model's output shape would change).
+        approximate: Allow pruning groups whose removal changes what the kept
+            channels compute, such as the residual stream of a transformer
+            through its LayerNorms (default True; `Group.approximate` marks
+            them). With False they are blocked and every prunable group is
+            exact: the pruned model equals `kprune.surgeon.zero_plan`'s.
 
     Example:
 
@@ -97,8 +112,10 @@ class DependencyGraph:
     [<Group 1 size=64 producers=[conv1_conv] prunable>, ...]
     """
 
-    def __init__(self, model: keras.Model, prune_outputs: bool = False):
+    def __init__(self, model: keras.Model, prune_outputs: bool = False,
+                 approximate: bool = True):
         self.model = model
+        self.allow_approximate = approximate
         self.flat = walk(model)
         self.table = AtomTable()
         self.specs: dict = {}
@@ -160,6 +177,14 @@ class DependencyGraph:
         self.atom_group = np.array([group_ids[grp[a]] for a in range(n)], dtype=np.int64)
         self.atom_channel = np.array([channel_of_class[cls[a]] for a in range(n)], dtype=np.int64)
         self.groups = [Group(id=i, size=s) for i, s in enumerate(sizes)]
+        for atoms, note in sink.approx:
+            for gid in np.unique(self.atom_group[atoms]):
+                group = self.groups[gid]
+                group.approximate = True
+                if note not in group.notes:
+                    group.notes.append(note)
+                if not self.allow_approximate:
+                    sink.blocks.append((atoms, f"{note} (approximate=False)", None))
         for atoms, reason, layer in sink.blocks:
             for gid in np.unique(self.atom_group[atoms]):
                 group = self.groups[gid]
@@ -167,12 +192,14 @@ class DependencyGraph:
                     group.prunable, group.reason, group.blocker = False, reason, layer
         for rec in sink.records:
             for gid, index in self._split(rec.atoms):
-                getattr(self.groups[gid], rec.kind + "s").append(Member(rec.layer, rec.kind, index))
+                getattr(self.groups[gid], rec.kind + "s").append(
+                    Member(rec.layer, rec.kind, index, rec.slot))
         for atoms, parts, _ in sink.partitions:
             for gid, index in self._split(atoms):
                 part = np.full(self.groups[gid].size, -1, dtype=np.int64)
                 part[index[index >= 0]] = parts[index >= 0]
                 self.groups[gid].partitions.append(part)
+        self.inner = sink.inner
         for group in self.groups:
             if group.prunable and not group.producers:
                 group.prunable, group.reason = False, "no layer produces these channels"
@@ -237,6 +264,22 @@ class DependencyGraph:
                 sel = groups == gid
                 keep[sel] = ~drop[int(gid)][channels[sel]]
         return keep
+
+    def inner_keep(self, layer, drop: dict) -> dict:
+        """`{slot: kept mask}` of the channels inside `layer` (see `RuleContext.inner`).
+
+        Only slots that lose channels under `drop` are listed.
+        """
+        out = {}
+        for (lid, slot), atoms in self.inner.items():
+            if lid != id(layer):
+                continue
+            gid = int(self.atom_group[atoms[0]])
+            if gid in drop:
+                keep = ~drop[gid][self.atom_channel[atoms]]
+                if not keep.all():
+                    out[slot] = keep
+        return out
 
     def summary(self) -> str:
         """One line per group: id, size, producers, prunable or why not."""

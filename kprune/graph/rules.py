@@ -21,6 +21,7 @@ import numpy as np
 from kprune.errors import KprunError
 from kprune.graph.channels import ChannelSpec
 from kprune.layers.compactor import Compactor
+from kprune.layers.tokens import ClassToken, PositionEmbedding
 
 _RULES: dict = {}
 
@@ -80,6 +81,48 @@ class LayerRule:
 
     def zero(self, layer, weights: dict, drop_in: list) -> dict:
         return dict(weights)
+
+    def slice_for(self, call, weights: dict, keep_in: list, keep_out: list,
+                  keep_inner: dict):
+        """`slice` for one call, with the kept channels inside the layer.
+
+        Rules whose layers hold channels of their own (`RuleContext.inner`,
+        attention heads) or need the call's arguments override this; the
+        default calls `slice(call.layer, ...)`.
+
+        Args:
+            call: The `kprune.graph.walk.Call` being rebuilt.
+            weights: Weight name -> numpy value.
+            keep_in, keep_out: Kept-channel masks per input and output tensor.
+            keep_inner: `{slot: kept mask}` of the layer's inner channels that
+                lose some.
+        """
+        if keep_inner:
+            raise KprunError(f"Layer '{call.layer.name}': the rule "
+                             f"{type(self).__name__} cannot slice inner channels "
+                             f"{sorted(keep_inner)}.")
+        return self.slice(call.layer, weights, keep_in, keep_out)
+
+    def zero_for(self, call, weights: dict, drop_in: list, drop_inner: dict) -> dict:
+        """`zero` for one call, with the removed inner channels (see `slice_for`)."""
+        if drop_inner:
+            raise KprunError(f"Layer '{call.layer.name}': the rule "
+                             f"{type(self).__name__} cannot silence inner channels "
+                             f"{sorted(drop_inner)}.")
+        return self.zero(call.layer, weights, drop_in)
+
+    def rows(self, layer, slot: str | None, weights: dict) -> np.ndarray | None:
+        """The filters of `slot` as rows, one per channel, for weight criteria.
+
+        `weights` maps weight names to arrays (the layer's values, or for
+        Taylor their products with the loss gradient). None when the rule has
+        no filters for `slot`; `kprune.criteria` then reads the layer itself.
+        """
+        return None
+
+    def inner_attrs(self, layer, keep_inner: dict) -> dict:
+        """The layer's size attributes once inner channels are removed (for MAC counts)."""
+        return {}
 
     def slice_call(self, call):
         """Outputs of a stateless `keras.ops` operation on pruned tensors.
@@ -415,46 +458,51 @@ class BatchNormRule(LayerRule):
         return layer.get_config(), _slice_vectors(weights, keep_in[0], self.VECTORS)
 
 
-class LayerNormRule(LayerRule):
-    """LayerNormalization: statistics over the channel axis forbid pruning it."""
+class ChannelParamRule(LayerRule):
+    """A layer that acts on each channel apart, with weights whose last axis is the channels.
+
+    Fits per-channel scales, learned class tokens concatenated along the
+    sequence, positional embeddings added to every position: the channels
+    pass through, and every weight named in `weights` is sliced on its last
+    axis. The layer's config must not hold its width (ConvNeXt's
+    `LayerScale` does, and has a rule of its own in `kprune.graph.norms`).
+
+    Args:
+        weights: Names of the per-channel weights (as in `layer.weights`);
+            default: every weight whose last axis has the channel count.
+
+    Example:
+
+    >>> register_rule(kprune.layers.ClassToken, ChannelParamRule(("token",)))
+    """
+
+    def __init__(self, weights: tuple | None = None):
+        self.weights = tuple(weights) if weights is not None else None
 
     def propagate(self, ctx):
-        spec = ctx.inputs[0]
+        spec = ctx.inputs[0] if ctx.inputs else None
         if spec is None:
             return ctx.unknown_outputs(f"input of '{ctx.layer.name}' has unknown channels")
         rank = len(ctx.shapes[0])
-        axes = ctx.layer.axis if isinstance(ctx.layer.axis, (list, tuple)) else [ctx.layer.axis]
-        if spec.axis in [norm_axis(int(a), rank) for a in axes]:
-            ctx.block(spec.atoms, f"'{ctx.layer.name}' (LayerNormalization) computes its "
-                                  "statistics over the channels; removing one changes them all")
-        return [spec]
-
-
-class GroupNormRule(LayerRule):
-    """GroupNormalization: whole normalisation groups are removed together."""
-
-    def propagate(self, ctx):
-        layer, spec = ctx.layer, ctx.inputs[0]
-        if spec is None:
-            return ctx.unknown_outputs(f"input of '{layer.name}' has unknown channels")
-        if norm_axis(int(layer.axis), len(ctx.shapes[0])) != spec.axis:
-            ctx.block(spec.atoms, f"'{layer.name}' normalises another axis than the channels")
-            return [spec]
-        groups = spec.size if layer.groups == -1 else int(layer.groups)
-        per = spec.size // groups
-        for g in range(groups):
-            block = spec.atoms[g * per:(g + 1) * per]
-            ctx.tie(np.repeat(block[:1], per), block)
+        if spec.axis != rank - 1 or any(len(s) != len(ctx.out_shapes[0]) for s in ctx.out_shapes):
+            ctx.block(spec.atoms, f"'{ctx.layer.name}' ({type(ctx.layer).__name__}) holds "
+                                  "per-channel weights on the last axis, not on the channels")
+            return ctx.unknown_outputs(f"'{ctx.layer.name}' output channels are unknown")
         ctx.param(spec.atoms)
-        return [spec]
+        return [ChannelSpec(len(shape) - 1, spec.atoms) for shape in ctx.out_shapes]
 
     def slice(self, layer, weights, keep_in, keep_out):
-        config = layer.get_config()
         keep = keep_in[0]
-        if config["groups"] != -1:
-            per = len(keep) // int(config["groups"])
-            config["groups"] = int(keep.sum()) // per
-        return config, _slice_vectors(weights, keep, ("gamma", "beta"))
+        w = dict(weights)
+        for name, value in weights.items():
+            wanted = name in self.weights if self.weights is not None else (
+                value.ndim >= 1 and value.shape[-1] == len(keep))
+            if wanted:
+                if value.shape[-1] != len(keep):
+                    raise KprunError(f"Layer '{layer.name}': weight '{name}' has {value.shape[-1]}"
+                                     f" entries on its last axis for {len(keep)} channels.")
+                w[name] = value[..., _idx(keep)]
+        return None, w
 
 
 class PReLURule(LayerRule):
@@ -675,8 +723,7 @@ def _register_defaults():
     for cls in (L.SimpleRNN, L.GRU, L.LSTM):
         register_rule(cls, RNNRule())
     register_rule(L.BatchNormalization, BatchNormRule())
-    register_rule(L.LayerNormalization, LayerNormRule())
-    register_rule(L.GroupNormalization, GroupNormRule())
+    # LayerNormalization, RMSNormalization, GroupNormalization: kprune.graph.norms.
     register_rule(L.PReLU, PReLURule())
     register_rule(L.Normalization, NormalizationRule())
     for cls in (L.Add, L.Subtract, L.Multiply, L.Average, L.Maximum, L.Minimum):
@@ -701,6 +748,8 @@ def _register_defaults():
     register_rule(L.Flatten, FlattenRule())
     register_rule(L.Reshape, ReshapeRule())
     register_rule(Compactor, CompactorRule())
+    register_rule(ClassToken, ChannelParamRule(("token",)))
+    register_rule(PositionEmbedding, ChannelParamRule(("embedding",)))
 
 
 _register_defaults()

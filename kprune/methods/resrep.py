@@ -33,6 +33,7 @@ import numpy as np
 from kprune.errors import KprunError
 from kprune.graph import rules as R
 from kprune.graph.dependency import DependencyGraph
+from kprune.graph.norms import GroupNormRule
 from kprune.graph.walk import walk
 from kprune.layers.compactor import Compactor
 from kprune.profile import layer_macs
@@ -140,7 +141,7 @@ def _transfer(call, states: list) -> int:
     rule = R.get_rule(layer)
     known = [s for s in states if s is not None]
     worst = max(known) if known else UNKNOWN
-    if isinstance(rule, (R.BatchNormRule, R.GroupNormRule, R.NormalizationRule)):
+    if isinstance(rule, (R.BatchNormRule, GroupNormRule, R.NormalizationRule)):
         return UNKNOWN if worst == UNKNOWN else CONST
     if isinstance(rule, R.DepthwiseRule):
         flat_kernel = math.prod(layer.kernel_size) == 1 or layer.padding == "valid"

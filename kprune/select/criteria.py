@@ -32,7 +32,8 @@ import keras
 import numpy as np
 
 from kprune.errors import KprunError
-from kprune.graph import DependencyGraph, walk
+from kprune.graph import DependencyGraph, get_rule, walk
+from kprune.surgeon.rebuild import Rebuilder, weights_of
 
 # --------------------------------------------------------------------------
 # Filters of one layer
@@ -99,6 +100,32 @@ def has_filters(layer) -> bool:
 # --------------------------------------------------------------------------
 # Weight criteria
 # --------------------------------------------------------------------------
+def _l1_rows(w: np.ndarray) -> np.ndarray:
+    return np.abs(w).sum(axis=1)
+
+
+def _l2_rows(w: np.ndarray) -> np.ndarray:
+    return np.sqrt((w ** 2).sum(axis=1))
+
+
+def _fpgm_rows(w: np.ndarray) -> np.ndarray:
+    sq = (w ** 2).sum(axis=1)
+    dist2 = sq[:, None] + sq[None, :] - 2.0 * (w @ w.T)  # |a - b|^2 without an (n, n, k) array
+    np.fill_diagonal(dist2, 0.0)
+    return np.sqrt(np.maximum(dist2, 0.0)).sum(axis=1)
+
+
+def _orthogonality_rows(w: np.ndarray) -> np.ndarray:
+    n = len(w)
+    if n < 2:
+        return np.ones(n)
+    norms = np.linalg.norm(w, axis=1, keepdims=True)
+    unit = w / np.where(norms > 0, norms, 1.0)
+    overlap = np.abs(unit @ unit.T - np.eye(n))
+    np.fill_diagonal(overlap, 0.0)
+    return 1.0 - overlap.sum(axis=1) / (n - 1)
+
+
 def l1(layer: keras.layers.Layer) -> np.ndarray:
     """L1 norm of every filter (Li et al., 2017).
 
@@ -112,7 +139,7 @@ def l1(layer: keras.layers.Layer) -> np.ndarray:
 
     >>> l1(model.get_layer("conv2d"))
     """
-    return np.abs(filters(layer)).sum(axis=1)
+    return _l1_rows(filters(layer))
 
 
 def l2(layer: keras.layers.Layer) -> np.ndarray:
@@ -128,7 +155,7 @@ def l2(layer: keras.layers.Layer) -> np.ndarray:
 
     >>> l2(model.get_layer("conv2d"))
     """
-    return np.sqrt((filters(layer) ** 2).sum(axis=1))
+    return _l2_rows(filters(layer))
 
 
 def fpgm(layer: keras.layers.Layer) -> np.ndarray:
@@ -147,11 +174,7 @@ def fpgm(layer: keras.layers.Layer) -> np.ndarray:
 
     >>> fpgm(model.get_layer("conv2d"))
     """
-    w = filters(layer)
-    sq = (w ** 2).sum(axis=1)
-    dist2 = sq[:, None] + sq[None, :] - 2.0 * (w @ w.T)  # |a - b|^2 without an (n, n, k) array
-    np.fill_diagonal(dist2, 0.0)
-    return np.sqrt(np.maximum(dist2, 0.0)).sum(axis=1)
+    return _fpgm_rows(filters(layer))
 
 
 def orthogonality(layer: keras.layers.Layer) -> np.ndarray:
@@ -172,15 +195,7 @@ def orthogonality(layer: keras.layers.Layer) -> np.ndarray:
 
     >>> orthogonality(model.get_layer("conv2d"))
     """
-    w = filters(layer)
-    n = len(w)
-    if n < 2:
-        return np.ones(n)
-    norms = np.linalg.norm(w, axis=1, keepdims=True)
-    unit = w / np.where(norms > 0, norms, 1.0)
-    overlap = np.abs(unit @ unit.T - np.eye(n))
-    np.fill_diagonal(overlap, 0.0)
-    return 1.0 - overlap.sum(axis=1) / (n - 1)
+    return _orthogonality_rows(filters(layer))
 
 
 def bn_scale(layer: keras.layers.Layer) -> np.ndarray:
@@ -310,19 +325,24 @@ def _batches(data, batch_size: int):
                None if y is None else keras.tree.map_structure(lambda a: a[cut], y))
 
 
-def _probe(flat, tensors: list, model: keras.Model) -> keras.Model:
-    """A model from the inputs to `tensors` followed by the model's outputs."""
+def _probe(flat, tensors: list, model: keras.Model, with_layers: bool = False):
+    """A model from the inputs to `tensors` followed by the model's outputs.
+
+    With `with_layers`, also `{id(source layer): layer of the probe}` for the
+    layers the probe had to copy (nested models are rebuilt flat).
+    """
     wanted = list(tensors) + list(flat.outputs)
     inputs = list(flat.inputs)
+    copies: dict = {}
     if any(isinstance(layer, keras.Model) for layer in model.layers):
         # Tensors inside a nested model belong to its own graph: rebuild flat.
-        from kprune.surgeon.rebuild import Rebuilder
-
         rebuilder = Rebuilder(flat)
         rebuilder.run()
         wanted = [rebuilder.tensors[id(t)] for t in wanted]
         inputs = [rebuilder.tensors[id(t)] for t in inputs]
-    return keras.Model(inputs[0] if len(inputs) == 1 else inputs, wanted)
+        copies = rebuilder.layers
+    probe = keras.Model(inputs[0] if len(inputs) == 1 else inputs, wanted)
+    return (probe, copies) if with_layers else probe
 
 
 def _resolve_loss(model, loss) -> Callable:
@@ -472,12 +492,17 @@ class Criterion:
             activations: `stat` is 'taylor', 'apoz' or 'mean') or 'random'.
         fn: The per-layer function (`fn(layer)` for 'filters' and 'gamma').
         stat: The activation statistic of a 'data' criterion.
+        rows: For 'filters' criteria, the same score computed from a matrix
+            of filters (one row per channel), used for layers whose rule
+            exposes its filters (attention heads, EinsumDense); None for a
+            criterion that only reads layers.
     """
 
     name: str
     kind: str
     fn: Callable
     stat: str | None = None
+    rows: Callable | None = None
 
     @property
     def needs_data(self) -> bool:
@@ -505,8 +530,9 @@ def register_criterion(name: str, fn: Callable, kind: str = "filters") -> None:
     _CRITERIA[name] = Criterion(name, kind, fn)
 
 
-for _name, _fn in (("l1", l1), ("l2", l2), ("fpgm", fpgm), ("orthogonality", orthogonality)):
-    register_criterion(_name, _fn)
+for _name, _fn, _rows in (("l1", l1, _l1_rows), ("l2", l2, _l2_rows), ("fpgm", fpgm, _fpgm_rows),
+                          ("orthogonality", orthogonality, _orthogonality_rows)):
+    _CRITERIA[_name] = Criterion(_name, "filters", _fn, rows=_rows)
 register_criterion("bn_scale", bn_scale, kind="gamma")
 _CRITERIA["random"] = Criterion("random", "random", random)
 _CRITERIA["taylor"] = Criterion("taylor", "data", taylor, "taylor")
@@ -584,20 +610,95 @@ def _reduce(rows: list, reduce: str, size: int) -> np.ndarray:
     return out
 
 
+def rule_filters(member, weights: dict | None = None) -> np.ndarray | None:
+    """The filters of a group member as its layer's rule sees them, or None.
+
+    Attention layers and EinsumDense expose the filters of each of their
+    channel kinds (`member.slot`: 'heads', 'key_dim', 'value_dim', 'output')
+    through their rule's `rows`.
+
+    Args:
+        member: A `kprune.graph.Member`.
+        weights: Weight name -> array to read instead of the layer's values
+            (Taylor passes weight x gradient).
+    """
+    if weights is None:
+        weights = dict(weights_of(member.layer))
+    return get_rule(member.layer).rows(member.layer, member.slot, weights)
+
+
 def _weight_rows(group, crit: Criterion) -> list:
     if crit.kind == "gamma":
         members = [m for m in group.params if getattr(m.layer, "gamma", None) is not None]
     else:
-        members = [m for m in group.producers if has_filters(m.layer)]
+        members = [m for m in group.producers if has_filters(m.layer) or m.slot is not None
+                   or rule_filters(m) is not None]
         members += [m for m in group.params if isinstance(m.layer, _DEPTHWISE)]
     seen, rows = set(), []
     for m in members:
-        key = (id(m.layer), m.kind)
+        key = (id(m.layer), m.kind, m.slot)
         if key in seen:
             continue
         seen.add(key)
-        rows.append(_onto_group(crit.fn(m.layer), m.index, group.size, m.name))
+        if crit.kind == "filters" and not has_filters(m.layer):
+            matrix = rule_filters(m)
+            if matrix is None or crit.rows is None:
+                continue
+            scores = crit.rows(np.asarray(matrix, dtype=np.float64))
+        else:
+            scores = crit.fn(m.layer)
+        rows.append(_onto_group(scores, m.index, group.size, m.name))
     return rows
+
+
+def _inner_members(group) -> list:
+    """Producers whose channels live inside their layer (no tensor to observe)."""
+    return [m for m in group.producers if m.slot not in (None, "output")]
+
+
+def _weight_taylor(model, flat, groups, data, loss, batch_size) -> dict:
+    """Taylor importance of inner channels (heads): |sum of weight x gradient| per channel.
+
+    Removing a head zeroes its filters; to first order the loss changes by
+    the sum of weight x gradient over them (Molchanov et al., 2019). The
+    absolute value is taken per batch and averaged over the batches.
+    """
+    import tensorflow as tf
+
+    probe, layer_map = _probe(flat, [], model, with_layers=True)
+    members = [m for g in groups for m in _inner_members(g)]
+    layers = list({id(m.layer): m.layer for m in members}.values())
+    variables = {id(layer): list(layer_map.get(id(layer), layer).weights) for layer in layers}
+    loss_fn = _resolve_loss(model, loss)
+    totals = {id(m): np.zeros(len(m.index)) for m in members}
+    batches = 0
+    for x, y in _batches(data, batch_size):
+        if y is None:
+            raise KprunError(f"Criterion 'taylor' needs targets: pass data=(x, y) for model "
+                             f"'{model.name}'.")
+        flat_vars = [v for layer in layers for v in variables[id(layer)]]
+        with tf.GradientTape() as tape:
+            preds = probe(x, training=False)
+            value = loss_fn(y, preds[0] if len(preds) == 1 else preds)
+            total = tf.reduce_sum(value)
+        grads = dict(zip([id(v) for v in flat_vars], tape.gradient(total, flat_vars)))
+        for layer in layers:
+            names = [n for n, _ in weights_of(layer)]
+            prods = {n: _numpy(v) * (_numpy(grads[id(v)]) if grads[id(v)] is not None else 0.0)
+                     for n, v in zip(names, variables[id(layer)])}
+            for m in members:
+                if m.layer is layer:
+                    totals[id(m)] += np.abs(rule_filters(m, prods).sum(axis=1))
+        batches += 1
+    if not batches:
+        raise KprunError(f"The data given to score model '{model.name}' holds no batch.")
+    out = {}
+    for g in groups:
+        rows = [_onto_group(totals[id(m)] / batches, m.index, g.size, m.name)
+                for m in _inner_members(g)]
+        if rows:
+            out[g.id] = rows
+    return out
 
 
 def _group_views(graph: DependencyGraph, group) -> list:
@@ -660,6 +761,8 @@ def score_groups(model: keras.Model, groups=None, criterion="l1", reduce: str = 
             if rows:
                 out[g.id] = _reduce(rows, reduce, g.size)
         return out
+    inner = [g for g in groups if _inner_members(g)]
+    groups = [g for g in groups if not _inner_members(g)]
     views = {g.id: _group_views(graph, g) for g in groups}
     flat_views = [v for g in groups for v in views[g.id]]
     results = iter(_observe(model, graph.flat, flat_views, crit.stat, data, loss, batch_size))
@@ -668,6 +771,9 @@ def score_groups(model: keras.Model, groups=None, criterion="l1", reduce: str = 
         rows = [next(results) for _ in views[g.id]]
         if rows:
             out[g.id] = _reduce(rows, reduce, g.size)
+    if inner and crit.stat == "taylor":  # heads and head widths: from their weights' gradients
+        for gid, rows in _weight_taylor(model, graph.flat, inner, data, loss, batch_size).items():
+            out[gid] = _reduce(rows, reduce, graph.groups[gid].size)
     return out
 
 
@@ -719,5 +825,5 @@ def group_scores(model: keras.Model, group, criterion="l1", reduce: str = "mean"
 __all__ = [
     "Criterion", "NotApplicable", "apoz", "available_criteria", "bn_scale", "filters", "fpgm",
     "get_criterion", "group_scores", "l1", "l2", "mean_activation", "orthogonality", "random",
-    "register_criterion", "score_groups", "taylor",
+    "register_criterion", "rule_filters", "score_groups", "taylor",
 ]

@@ -108,7 +108,8 @@ def apply_plan(model: keras.Model, plan: Mapping, graph: DependencyGraph | None 
     def make_call(call, args, kwargs):
         keep_in = _masks_for(graph, call.inputs, drop)
         keep_out = _masks_for(graph, call.outputs, drop)
-        changed = any(k is not None and not k.all() for k in keep_in + keep_out)
+        keep_inner = graph.inner_keep(call.layer, drop)
+        changed = keep_inner or any(k is not None and not k.all() for k in keep_in + keep_out)
         if not changed:
             return rebuilder.copy_call(call, args, kwargs)
         rule = get_rule(call.layer)
@@ -119,7 +120,8 @@ def apply_plan(model: keras.Model, plan: Mapping, graph: DependencyGraph | None 
             return rebuilder.call_with(call, args, kwargs)
         full_in = [k if k is not None else np.ones(0, bool) for k in keep_in]
         full_out = [k if k is not None else np.ones(0, bool) for k in keep_out]
-        config, weights = rule.slice(call.layer, dict(weights_of(call.layer)), full_in, full_out)
+        config, weights = rule.slice_for(call, dict(weights_of(call.layer)), full_in, full_out,
+                                         keep_inner)
         return rebuilder.call_with(call, args, kwargs, config, weights)
 
     rebuilder = Rebuilder(graph.flat, make_call)
@@ -147,9 +149,12 @@ def zero_plan(model: keras.Model, plan: Mapping, graph: DependencyGraph | None =
         fresh = id(call.layer) not in rebuilder.layers and isinstance(call.layer, keras.layers.Layer)
         out = rebuilder.copy_call(call, args, kwargs)
         keep_in = _masks_for(graph, call.inputs, drop)
-        if fresh and any(k is not None and not k.all() for k in keep_in):
+        keep_inner = graph.inner_keep(call.layer, drop) if fresh else {}
+        if fresh and (keep_inner or any(k is not None and not k.all() for k in keep_in)):
             drop_in = [~k if k is not None else np.zeros(0, bool) for k in keep_in]
-            weights = get_rule(call.layer).zero(call.layer, dict(weights_of(call.layer)), drop_in)
+            drop_inner = {slot: ~keep for slot, keep in keep_inner.items()}
+            weights = get_rule(call.layer).zero_for(call, dict(weights_of(call.layer)), drop_in,
+                                                    drop_inner)
             assign(rebuilder.layers[id(call.layer)], weights)
         return out
 

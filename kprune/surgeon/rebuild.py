@@ -14,22 +14,40 @@ from kprune.graph.walk import FlatGraph, is_tensor
 
 
 def weights_of(layer) -> list:
-    """(name, numpy value) for every weight of `layer`, in `layer.weights` order."""
-    return [(_short(v), np.asarray(keras.ops.convert_to_numpy(v.value))) for v in layer.weights]
+    """(name, numpy value) for every weight of `layer`, in `layer.weights` order.
+
+    Names are the variables' own ('kernel'), or, where those repeat inside
+    the layer (MultiHeadAttention's four projections), the sub-layer and the
+    variable ('query/kernel').
+    """
+    names = _names(layer.weights)
+    return [(n, np.asarray(keras.ops.convert_to_numpy(v.value)))
+            for n, v in zip(names, layer.weights)]
 
 
-def _short(variable) -> str:
-    return variable.path.split("/")[-1] if hasattr(variable, "path") else variable.name
+def _short(variable, parts: int = 1) -> str:
+    path = variable.path if hasattr(variable, "path") else variable.name
+    return "/".join(path.split("/")[-parts:])
+
+
+def _names(variables) -> list:
+    names = [_short(v) for v in variables]
+    if len(set(names)) != len(names):
+        names = [_short(v, 2) for v in variables]
+    return names
 
 
 def assign(layer, values: dict | list) -> None:
     """Set `layer`'s weights from a name -> value dict (or a list in order)."""
     variables = layer.weights
     if isinstance(values, dict):
-        names = [_short(v) for v in variables]
+        names = _names(variables)
         if len(set(names)) != len(names):
             raise KprunError(f"Layer '{layer.name}' has repeated weight names {names}.")
-        values = [values[n] for n in names]
+        if set(names) == set(values):
+            values = [values[n] for n in names]
+        else:  # unnamed variables ('variable_3') get new names in a new layer: go by order
+            values = list(values.values())
     if len(values) != len(variables):
         raise KprunError(f"Layer '{layer.name}' expects {len(variables)} weights, got {len(values)}.")
     for var, val in zip(variables, values):

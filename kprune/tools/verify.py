@@ -7,11 +7,13 @@ from typing import Mapping
 import keras
 import numpy as np
 
+from kprune.errors import KprunError
 from kprune.graph.dependency import DependencyGraph
 from kprune.surgeon.plan import apply_plan, zero_plan
 
 
-def random_plan(graph: DependencyGraph, fraction: float = 0.5, seed: int | None = None) -> dict:
+def random_plan(graph: DependencyGraph, fraction: float = 0.5, seed: int | None = None,
+                approximate: bool = False) -> dict:
     """Drop a random `fraction` of every prunable group, evenly per conv group.
 
     Args:
@@ -19,6 +21,9 @@ def random_plan(graph: DependencyGraph, fraction: float = 0.5, seed: int | None 
         fraction: Share of each group's channels to drop (at least one channel
             is always kept).
         seed: Seed for the random choice.
+        approximate: Also drop channels of approximate groups (streams through
+            a LayerNorm); by default they are left out, so that the plan's
+            pruned model equals `zero_plan`'s (`check_equivalence`).
 
     Returns:
         A plan `{group id: channel indices}` that `apply_plan` accepts.
@@ -26,6 +31,8 @@ def random_plan(graph: DependencyGraph, fraction: float = 0.5, seed: int | None 
     rng = np.random.default_rng(seed)
     plan = {}
     for group in graph.prunable_groups():
+        if group.approximate and not approximate:
+            continue
         blocks = _blocks(group)
         per_block = min(len(b) for b in blocks)
         n = min(int(round(fraction * per_block)), per_block - 1)
@@ -80,8 +87,17 @@ def check_equivalence(model: keras.Model, plan: Mapping, x, rtol: float = 1e-5,
     Raises:
         AssertionError: if any output differs, or the pruned model's output
             structure is not the original's.
+        KprunError: if the plan prunes an approximate group (its pruned model
+            is close to the masked one by nature, not equal).
     """
     graph = graph or DependencyGraph(model)
+    approximate = [gid for gid, channels in plan.items()
+                   if len(channels) and graph.groups[int(getattr(gid, "id", gid))].approximate]
+    if approximate:
+        notes = graph.groups[int(getattr(approximate[0], "id", approximate[0]))].notes
+        raise KprunError(f"Plan prunes approximate group(s) {approximate} ({notes[0]}): the "
+                         "pruned model is not the masked one; compare against a reference of "
+                         "your own, or leave them out (`random_plan(..., approximate=False)`).")
     small = apply_plan(model, plan, graph)
     ref = zero_plan(model, plan, graph)
     got, want = small(x, training=False), model(x, training=False)
