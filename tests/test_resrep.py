@@ -9,7 +9,8 @@ from keras import layers as L
 
 import archs
 from kprune import resrep
-from kprune.errors import KprunError
+from kprune.errors import KprunError, KprunWarning
+from kprune.profile import profile as kprune_profile
 from kprune.graph import DependencyGraph
 from kprune.layers import Compactor
 from kprune.tools.verify import randomize
@@ -244,9 +245,31 @@ def test_scheduler_warmup_and_interval_in_fit():
             seen.append(_masked(rr))
 
     scheduler = resrep.MaskScheduler(0.5, warmup_steps=5, interval=3, granularity=1)
-    rr.fit(x, y, batch_size=2, epochs=2, verbose=0, callbacks=[scheduler, Record()])
+    with pytest.warns(KprunWarning, match=r"the masks reach \d\d\.\d% of the original MACs, not "
+                                          r"the target 50\.0%; 4 mask update\(s\) by step 16"):
+        rr.fit(x, y, batch_size=2, epochs=2, verbose=0, callbacks=[scheduler, Record()])
     # 16 steps; updates after steps 5, 8, 11, 14, one channel more each time
     assert seen == [0, 0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3, 4, 4, 4]
+
+
+def test_scheduler_warns_inside_warmup_and_not_once_the_target_is_met(capsys):
+    import warnings
+
+    rr = resrep.attach(archs.vgg())
+    rr.compile(optimizer=keras.optimizers.SGD(0.01), loss="mse")
+    x, y = _x(rr, n=8), RNG.normal(size=(8, 3)).astype("float32")
+    with pytest.warns(KprunWarning, match="inside the warm-up"):
+        rr.fit(x, y, batch_size=2, epochs=1, verbose=0,
+               callbacks=[resrep.MaskScheduler(0.5, warmup_steps=100)])
+    reach = resrep.MaskScheduler(0.5, warmup_steps=0, interval=1, granularity=1000)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", KprunWarning)
+        rr.fit(x, y, batch_size=2, epochs=1, verbose=0, callbacks=[reach])
+    assert reach.macs_ratio <= 0.5
+    small = resrep.convert(rr)
+    printed = capsys.readouterr().out
+    ratio = kprune_profile(small).macs / resrep.original_macs(rr)
+    assert f"{ratio:.1%} of the original" in printed and ratio <= 0.5
 
 
 def test_scheduler_validates_arguments():

@@ -25,18 +25,19 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from typing import Sequence
 
 import keras
 import numpy as np
 
-from kprune.errors import KprunError
+from kprune.errors import KprunError, KprunWarning
 from kprune.graph import rules as R
 from kprune.graph.dependency import DependencyGraph
 from kprune.graph.norms import GroupNormRule
 from kprune.graph.walk import walk
 from kprune.layers.compactor import Compactor
-from kprune.profile import layer_macs
+from kprune.profile import layer_macs, profile
 from kprune.surgeon.fuse import (PRODUCERS, can_mix, fold_compactors, fuse_batchnorm,
                                  is_linear, output_axis)
 from kprune.surgeon.plan import apply_plan
@@ -660,6 +661,28 @@ class MaskScheduler(keras.callbacks.Callback):
         if optimizer is not None and not all(r.bound for r in optimizer.rules):
             optimizer.bind(self.model)
 
+    def on_train_end(self, logs=None) -> None:
+        """Warn when training stops before the masks reach `flops_target`."""
+        self._ensure_layout()
+        ratio = self.macs_ratio if self.macs_ratio is not None else \
+            converted_macs(self.model) / self.original
+        if ratio <= self.flops_target + 1e-9:
+            return
+        step = self.step()
+        if step < self.warmup_steps:
+            why = (f"training ended at step {step}, inside the warm-up ({self.warmup_steps} "
+                   "steps): nothing was masked")
+        else:
+            updates = (step - self.warmup_steps) // self.interval + 1
+            why = (f"{updates} mask update(s) by step {step} masked at most "
+                   f"{self.granularity} channels each")
+        warnings.warn(
+            f"MaskScheduler: the masks reach {ratio:.1%} of the original MACs, not the target "
+            f"{self.flops_target:.1%}; {why}. Train more steps, raise `granularity` (now "
+            f"{self.granularity}), shorten `interval` (now {self.interval}) or `warmup_steps` "
+            f"(now {self.warmup_steps}); `kprune.resrep.convert` removes only masked channels.",
+            KprunWarning, stacklevel=2)
+
     def on_train_batch_end(self, batch, logs=None) -> None:
         self._steps += 1
         step = self.step()
@@ -765,7 +788,7 @@ def _absorb_constants(plain: keras.Model, graph: DependencyGraph, drop: dict) ->
     return rebuilder.run()
 
 
-def convert(model: keras.Model) -> keras.Model:
+def convert(model: keras.Model, verbose: int = 1) -> keras.Model:
     """Turn a trained ResRep model into a smaller plain-Keras model.
 
     Fuses BatchNormalization into the layers before it, folds every
@@ -776,6 +799,8 @@ def convert(model: keras.Model) -> keras.Model:
 
     Args:
         model: A model with compactors (left untouched).
+        verbose: 1 prints the MACs the converted model keeps, as a share of
+            the model before `attach`.
 
     Returns:
         A new model with no Compactor layer.
@@ -789,16 +814,19 @@ def convert(model: keras.Model) -> keras.Model:
     layout = _Layout(model)
     drop = {gid: m for gid, m in layout.masks().items() if m.any()}
     plain = _absorb_constants(layout.plain, layout.graph, drop)
-    if not drop:
-        return plain
-    graph = DependencyGraph(plain)
-    for gid, masked in drop.items():
-        if masked.all():
-            raise KprunError(f"Every channel of the set of compactors "
-                             f"{[m[0].name for g, ms in layout.sets if g == gid for m in ms]} "
-                             "is masked; at least one must stay.")
-    plan = {gid: np.flatnonzero(m).tolist() for gid, m in drop.items()}
-    return apply_plan(plain, plan, graph)
+    if drop:
+        for gid, masked in drop.items():
+            if masked.all():
+                raise KprunError(f"Every channel of the set of compactors "
+                                 f"{[m[0].name for g, ms in layout.sets if g == gid for m in ms]} "
+                                 "is masked; at least one must stay.")
+        plan = {gid: np.flatnonzero(m).tolist() for gid, m in drop.items()}
+        plain = apply_plan(plain, plan, DependencyGraph(plain))
+    if verbose:
+        before, after = original_macs(model), profile(plain).macs
+        print(f"kprune.resrep.convert: {after:,} MACs, {after / max(before, 1):.1%} of the "
+              f"original {before:,}" + ("" if drop else " (no channel was masked)"))
+    return plain
 
 
 # ---------------------------------------------------------------------------
