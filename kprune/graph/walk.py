@@ -9,7 +9,9 @@ of kprune sees one flat, topologically ordered list of `Call` records.
 
 A composite that cannot be traced (value-dependent Python control flow,
 weights of its own used directly in `call`, a call that fails on symbolic
-inputs) stays one call, and `Call.opaque` says why.
+inputs) stays one call, and `Call.opaque` says why. A composite whose `call`
+fails on symbolic inputs only as written (a sub-layer that returns None
+beside its tensors) can be given a tracing function with `register_trace`.
 """
 
 from __future__ import annotations
@@ -205,8 +207,18 @@ def _walk_into(graph, alias: dict, calls: list, aliases: dict) -> None:
             continue
         if is_composite(op):
             inner, opaque = trace(op, node.arguments.args, node.arguments.kwargs)
+            n_leaves, kept = getattr(inner, "_kprune_kept", (len(outputs), None))
+            if inner is not None and n_leaves != len(outputs):
+                inner, opaque = None, (f"its trace returns {n_leaves} outputs, its call "
+                                       f"{len(outputs)}")
+            elif inner is not None and kept is not None:
+                left_out = [t for i, t in enumerate(outputs) if i not in kept]
+                if _reads(graph, left_out):
+                    inner, opaque = None, ("its trace leaves out outputs the model reads "
+                                           "(they are not symbolic tensors in the trace)")
             if inner is not None:
-                _inline(inner, op.name, args, kwargs, outputs, alias, calls, aliases)
+                inner_outputs = outputs if kept is None else [outputs[i] for i in kept]
+                _inline(inner, op.name, args, kwargs, inner_outputs, alias, calls, aliases)
                 continue
         calls.append(
             Call(
@@ -218,6 +230,20 @@ def _walk_into(graph, alias: dict, calls: list, aliases: dict) -> None:
                 opaque=opaque,
             )
         )
+
+
+def _reads(graph, tensors: list) -> bool:
+    """Whether a node of `graph`, or its outputs, read one of `tensors`."""
+    ids = {id(t) for t in tensors}
+    if not ids:
+        return False
+    if any(id(t) in ids for t in _flat_tensors(graph.outputs)):
+        return True
+    for node in _ordered_nodes(graph):
+        given = _flat_tensors(node.arguments.args) + _flat_tensors(node.arguments.kwargs)
+        if any(id(t) in ids for t in given):
+            return True
+    return False
 
 
 def _inline(inner, name: str, args, kwargs, outputs: list, alias: dict, calls: list,
@@ -261,6 +287,37 @@ def is_composite(layer) -> bool:
     return bool(sublayers(layer))
 
 
+_TRACERS: dict = {}
+
+
+def register_trace(layer_class, fn) -> None:
+    """Trace composite layers of exactly `layer_class` with `fn` instead of their `call`.
+
+    For a composite layer whose `call` does not trace on symbolic inputs as
+    written, though its computation does: a sub-layer that returns None beside
+    its tensors (a functional call refuses it), arguments that select a
+    branch. `fn(layer, *args, **kwargs)` receives the symbolic arguments of
+    one call and computes the layer's outputs from its sub-layers and
+    `keras.ops`, in the structure `layer.call` returns; a leaf the model never
+    reads may be None (it is left out of the flat graph). The trace is then
+    handled as any other: checked against the layer on a random batch, and
+    whatever `fn` raises keeps the layer whole, the message as the reason.
+
+    Args:
+        layer_class: A composite layer class (exact class, not subclasses).
+        fn: `fn(layer, *args, **kwargs) -> outputs`.
+
+    Example:
+
+    >>> def trace_encoder(layer, x, output_hidden_states=False):
+    ...     for block in layer.blocks:
+    ...         x = block.mlp(block.norm(x)) + x
+    ...     return x, None
+    >>> register_trace(MyEncoder, trace_encoder)
+    """
+    _TRACERS[layer_class] = fn
+
+
 def own_variables(layer) -> list:
     """Variables `layer` created itself, not those of its sub-layers."""
     inner = {id(v) for sub in sublayers(layer) for v in sub.variables}
@@ -296,18 +353,34 @@ def trace(layer, args, kwargs):
     new_kwargs = keras.tree.map_structure(placeholder, kwargs)
     inputs = _flat_tensors(new_args) + _flat_tensors(new_kwargs)
     saved = _node_lists(layer)
+    tracer = _TRACERS.get(type(layer))
+    kept = None
     try:
-        outputs = layer.call(*new_args, **new_kwargs)
-        if not _flat_tensors(outputs):
+        if tracer is not None:
+            outputs = tracer(layer, *new_args, **new_kwargs)
+        else:
+            outputs = layer.call(*new_args, **new_kwargs)
+        leaves = keras.tree.flatten(outputs)
+        if not _flat_tensors(leaves):
             return None, "its call returned no symbolic tensor"
+        if len(_flat_tensors(leaves)) < len(leaves):
+            # Constants (an empty tensor made from static sizes) and None
+            # outputs: only the symbolic ones enter the flat graph.
+            kept = [i for i, leaf in enumerate(leaves) if is_tensor(leaf)]
+            outputs = [leaves[i] for i in kept]
         inner = keras.Model(inputs, outputs, name=f"{layer.name}_traced")
     except Exception as exc:  # any failure means: keep the layer whole, say why
         message = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
         return None, f"its call does not trace on symbolic inputs ({type(exc).__name__}: {message})"
     finally:
         _restore_node_lists(saved)
-    why = _lost_shapes(inputs, inner) or _check_trace(layer, inner, args, kwargs)
-    return (None, why) if why else (inner, None)
+    why = _lost_shapes(inputs, inner) or _check_trace(layer, inner, args, kwargs, kept)
+    if why:
+        return None, why
+    if kept is not None:
+        # How many outputs the call has, and which of them the trace computes.
+        inner._kprune_kept = (len(leaves), tuple(kept))
+    return inner, None
 
 
 def _lost_shapes(inputs: list, inner) -> str | None:
@@ -322,14 +395,15 @@ def _lost_shapes(inputs: list, inner) -> str | None:
     return None
 
 
-def _check_trace(layer, inner, args, kwargs) -> str | None:
+def _check_trace(layer, inner, args, kwargs, kept=None) -> str | None:
     """Run `layer` and its trace on one random batch; why they differ, or None.
 
     A trace can be wrong where the layer reads shapes at run time (a
     `keras.ops.shape(x)[0]` batch size becomes a fixed None) or loses
     static shapes; those traces are refused. Unknown sizes are taken as 2
     (batch) and 16; if the layer itself cannot run on such a batch, the trace
-    is kept unchecked.
+    is kept unchecked. `kept`: positions of the traced outputs among the
+    layer's flat outputs, when the trace leaves some out.
     """
     rng = np.random.default_rng(0)
 
@@ -349,6 +423,8 @@ def _check_trace(layer, inner, args, kwargs) -> str | None:
         return None
     try:
         got = inner(_flat_tensors_or_arrays(real_args) + _flat_tensors_or_arrays(real_kwargs))
+        if kept is not None:
+            got, want = keras.tree.flatten(got), [keras.tree.flatten(want)[i] for i in kept]
         keras.tree.assert_same_structure(got, want)
         for g, w in zip(keras.tree.flatten(got), keras.tree.flatten(want)):
             g, w = keras.ops.convert_to_numpy(g), keras.ops.convert_to_numpy(w)

@@ -176,6 +176,11 @@ def _define_pruned_backbone(hub):
 
         def get_config(self) -> dict:
             config = Functional.get_config(self)
+            by_name = {layer.name: layer for layer in self.layers}
+            for entry in config.get("layers", ()):
+                layer = by_name.get(entry.get("name"))
+                if layer is not None and isinstance(entry.get("config"), dict):
+                    entry["config"] = loadable_config(type(layer), entry["config"])
             config["dtype"] = keras.dtype_policies.serialize(self.dtype_policy)
             config["original_class"] = self.original_class
             for attr in _LAYOUT_ATTRS:
@@ -198,6 +203,60 @@ def _define_pruned_backbone(hub):
     PrunedBackbone.__module__ = __name__
     PrunedBackbone.__qualname__ = "PrunedBackbone"
     return keras.saving.register_keras_serializable(package=_PACKAGE)(PrunedBackbone)
+
+
+def _constructor_keys(cls) -> set | None:
+    """The keyword arguments `cls(**config)` takes, or None if that cannot be told.
+
+    The named parameters of every `__init__` up the class's MRO, as long as
+    each hands `**kwargs` on, down to `keras.layers.Layer` (which refuses
+    any other).
+    """
+    keys: set = set()
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        try:
+            params = list(inspect.signature(init).parameters.values())
+        except (TypeError, ValueError):
+            return None
+        keys |= {p.name for p in params if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+        if klass is keras.layers.Layer:
+            return (keys - {"self"}) | {"input_dim", "input_shape"}
+        if not any(p.kind is p.VAR_KEYWORD for p in params):
+            return keys - {"self"}
+    return None
+
+
+def _default_from_config(cls) -> bool:
+    """Whether `cls.from_config` is Keras's own (`cls(**config)`)."""
+    for klass in cls.__mro__:
+        if "from_config" in klass.__dict__:
+            return klass.__module__.split(".")[0] == "keras"
+    return False
+
+
+def loadable_config(cls, config: dict) -> dict:
+    """`config` without the keys that `cls.from_config(config)` would refuse.
+
+    Some KerasHub layers write keys their constructor does not take
+    (`ViTPatchingAndEmbedding` and `DeiTEmbeddings` write `num_patches` and
+    `num_positions`), so a model holding them saves but does not load. A
+    pruned backbone saves its layers' configs through this; a class with a
+    `from_config` of its own, or a constructor whose arguments cannot be
+    read, keeps its config as it is.
+
+    Example:
+
+    >>> loadable_config(ViTPatchingAndEmbedding, layer.get_config())   # no num_patches
+    """
+    if not _default_from_config(cls):
+        return config
+    keys = _constructor_keys(cls)
+    if keys is None or set(config) <= keys:
+        return config
+    return {k: v for k, v in config.items() if k in keys}
 
 
 class _PrunedBackboneStandIn:
@@ -536,5 +595,5 @@ def from_preset(preset: str, load_weights: bool = True, **kwargs):
 
 _register()
 
-__all__ = ["from_preset", "is_hub_model", "pruned_backbone", "pruned_backbone_class",
-           "repackage", "tensor_at", "tensor_ref"]
+__all__ = ["from_preset", "is_hub_model", "loadable_config", "pruned_backbone",
+           "pruned_backbone_class", "repackage", "tensor_at", "tensor_ref"]
