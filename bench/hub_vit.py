@@ -3,7 +3,7 @@
 The small ViT, DeiT, DINOv2 and Swin backbones of `tests/hub_archs.py` (and
 the ViT / DeiT / Swin image classifiers), built offline with random weights.
 `before` counts run with the rules, tracing functions and MAC counters of
-`kprune.graph.hub_rules` taken out (the state without them), `after` with
+`kprune.tools.hub_rules` taken out (the state without them), `after` with
 them. One row per model:
 
     exact     prunable groups with `DependencyGraph(model, approximate=False)`
@@ -55,7 +55,7 @@ _TABLES = tuple(getattr(importlib.import_module(module), table) for module, tabl
 _WITHOUT = [dict(t) for t in _TABLES]
 
 import keras  # noqa: E402
-import keras_hub  # noqa: E402,F401  (registers kprune.graph.hub_rules)
+import keras_hub  # noqa: E402,F401  (registers kprune.tools.hub_rules)
 
 from bench.hub import Cell, _squeeze, cell, check_reload  # noqa: E402
 from kprune.tools.verify import randomize  # noqa: E402

@@ -1,4 +1,4 @@
-"""KerasHub vision transformers: residual streams through `kprune.graph.hub_rules`.
+"""KerasHub vision transformers: residual streams through `kprune.tools.hub_rules`.
 
 ViT, DeiT and DINOv2 embed the image with a layer kprune cannot inline (it
 holds tokens and position embeddings of its own): its rule makes it the
@@ -22,7 +22,7 @@ keras_hub = pytest.importorskip("keras_hub", reason="keras-hub is the optional [
 
 import hub_archs  # noqa: E402
 import kprune  # noqa: E402
-from kprune.graph import hub_rules  # noqa: E402
+from kprune.tools import hub_rules  # noqa: E402
 from kprune.surgeon import apply_plan, zero_plan  # noqa: E402
 from kprune.surgeon.hub import loadable_config  # noqa: E402
 from kprune.tools.verify import random_plan, randomize  # noqa: E402

@@ -6,4 +6,3 @@ from kprune.graph.walk import FlatGraph, walk  # noqa: F401
 from kprune.graph.ops import OpCall  # noqa: F401,E402  (registers the keras.ops rules)
 from kprune.graph import attention  # noqa: F401,E402  (registers the attention rules)
 from kprune.graph import norms  # noqa: F401,E402  (registers the normalisation rules)
-from kprune.graph import hub_rules  # noqa: F401,E402  (registers the KerasHub rules)
