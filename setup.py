@@ -10,9 +10,11 @@ setup(
     python_requires=">=3.10",
     install_requires=["tensorflow>=2.16", "keras>=3.5", "numpy"],
     extras_require={
-        "dev": ["pytest", "hypothesis", "scikit-learn", "ai-edge-litert"],
+        "dev": ["pytest", "hypothesis", "scikit-learn", "ai-edge-litert", "matplotlib",
+                "nbclient", "nbformat", "ipykernel", "mnist1d"],
         "litert": ["ai-edge-litert"],
         "hub": ["keras-hub>=0.20"],
+        "plot": ["matplotlib"],
     },
     entry_points={"console_scripts": ["kprune=kprune.tools.cli:main"]},
 )

@@ -5,6 +5,8 @@ Example:
 >>> small = kprune.prune(model, flops_target=0.5, criterion="l1")
 >>> kprune.profile(small).macs <= 0.5 * kprune.profile(model).macs
 True
+>>> fast = kprune.prune(model, latency_target=0.5, runtime="tflite", threads=2)
+>>> light = kprune.prune(model, params_target=0.5)
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from kprune.select import criteria as _criteria
 from kprune.select import pruners
 from kprune.errors import KprunError, KprunWarning
 from kprune.graph import DependencyGraph, get_rule
+from kprune.latency import LatencyModel, _fake_weights, check_settings
 from kprune.surgeon import apply_plan, copy_model, drop_masks, hub
 
 _SCOPES = ("local", "global")
@@ -34,17 +37,27 @@ def _is_number(x) -> bool:
     return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
 
 
-def _check_target(ratio, flops_target, config_list) -> None:
-    given = [n for n, v in (("ratio", ratio), ("flops_target", flops_target),
-                            ("config_list", config_list)) if v is not None]
+_TARGETS = ("ratio", "flops_target", "params_target", "latency_target", "config_list")
+_SHARES = {"flops_target": "MACs", "params_target": "parameters",
+           "latency_target": "measured latency"}
+
+
+def _check_target(ratio, flops_target, config_list, params_target=None,
+                  latency_target=None) -> None:
+    values = dict(ratio=ratio, flops_target=flops_target, params_target=params_target,
+                  latency_target=latency_target, config_list=config_list)
+    given = [n for n in _TARGETS if values[n] is not None]
     if len(given) != 1:
-        raise KprunError("Give exactly one of `ratio`, `flops_target` or `config_list`"
+        raise KprunError("Give exactly one of `ratio`, `flops_target`, `params_target`, "
+                         "`latency_target` or `config_list`"
                          + (f"; got {', '.join(given)}." if given else "; got none."))
     if ratio is not None and not (_is_number(ratio) and 0.0 <= ratio < 1.0):
         raise KprunError(f"`ratio` is the share of channels to remove, in [0, 1); got {ratio!r}.")
-    if flops_target is not None and not (_is_number(flops_target) and 0.0 < flops_target <= 1.0):
-        raise KprunError(f"`flops_target` is the share of the original MACs to keep, in (0, 1]; "
-                         f"got {flops_target!r}.")
+    for name, what in _SHARES.items():
+        value = values[name]
+        if value is not None and not (_is_number(value) and 0.0 < value <= 1.0):
+            raise KprunError(f"`{name}` is the share of the original {what} to keep, in (0, 1]; "
+                             f"got {value!r}.")
 
 
 def _check_exclude_names(model, graph, entries) -> None:
@@ -145,7 +158,7 @@ def config_ratios(groups, configs: list) -> dict:
 
 
 # --------------------------------------------------------------------------
-# Search for a FLOPs target
+# Search for a MACs, parameters or latency target
 # --------------------------------------------------------------------------
 def _macs(model) -> float:
     from kprune.profile import profile
@@ -192,11 +205,110 @@ def plan_macs(graph: DependencyGraph, plan: Mapping) -> int | None:
                    for c in graph.flat.calls))
 
 
-class _Trials:
-    """Plans tried during the search: estimated from the plan, or pruned and measured."""
+def _weight_count(shapes) -> int:
+    return int(sum(np.prod(tuple(s), dtype=np.int64) for s in shapes))
+
+
+def plan_params(graph: DependencyGraph, plan: Mapping) -> int:
+    """Parameters of `apply_plan(graph.model, plan)` (`count_params()`) computed without surgery.
+
+    Every layer whose channels the plan changes is sliced by its rule, as
+    `apply_plan` slices it, on stand-in weights that hold only their shapes;
+    the other layers keep their weights.
+
+    Args:
+        graph: The model's dependency graph.
+        plan: `{group id: channels to drop}`.
+
+    Example:
+
+    >>> plan_params(graph, {}) == model.count_params()
+    True
+    """
+    drop = drop_masks(graph, plan)
+    total, seen = 0, set()
+    for call in graph.flat.calls:
+        layer = call.layer
+        if not isinstance(layer, keras.layers.Layer) or id(layer) in seen:
+            continue
+        seen.add(id(layer))  # a shared layer is sliced at its first call, as apply_plan does
+        keep_in = [graph.keep_mask(t, drop) for t in call.inputs] if drop else []
+        keep_out = [graph.keep_mask(t, drop) for t in call.outputs] if drop else []
+        keep_inner = graph.inner_keep(layer, drop) if drop else {}
+        if not (keep_inner or any(k is not None and not k.all() for k in keep_in + keep_out)):
+            total += _weight_count(v.shape for v in layer.weights)
+            continue
+        full_in = [k if k is not None else np.ones(0, bool) for k in keep_in]
+        full_out = [k if k is not None else np.ones(0, bool) for k in keep_out]
+        rule = get_rule(layer)
+        try:
+            _, weights = rule.slice_for(call, _fake_weights(layer), full_in, full_out, keep_inner)
+        except (ValueError, TypeError):  # a rule that writes into its weights: give it copies
+            from kprune.surgeon.rebuild import weights_of
+
+            _, weights = rule.slice_for(call, dict(weights_of(layer)), full_in, full_out,
+                                        keep_inner)
+        total += _weight_count(np.shape(w) for w in weights.values())
+    return total
+
+
+class _Cost:
+    """What a target bounds: estimated from a plan, measured on the pruned model.
+
+    `exact` costs (MACs, parameters) are counts: the estimate is trusted when
+    it matches the original's measured count, and checked once on the chosen
+    model. Latency is a prediction: the chosen model is always measured.
+    """
+
+    name = "MACs"
+    exact = True
 
     def __init__(self, model, graph):
         self.model, self.graph = model, graph
+        self.base = self.measure(model)
+
+    def estimate(self, plan):
+        return plan_macs(self.graph, plan)
+
+    def measure(self, small):
+        return _macs(small)
+
+
+class _ParamsCost(_Cost):
+    name = "parameters"
+
+    def estimate(self, plan):
+        return plan_params(self.graph, plan)
+
+    def measure(self, small):
+        return float(small.count_params())
+
+
+class _LatencyCost(_Cost):
+    exact = False
+
+    def __init__(self, model, graph, groups, runtime, batch_size, threads, verbose):
+        self.model, self.graph = model, graph
+        self.name = f"latency ({runtime}, batch {batch_size})"
+        self.latency = LatencyModel(model, runtime=runtime, batch_size=batch_size,
+                                    threads=threads, graph=graph, groups=[g.id for g in groups],
+                                    verbose=verbose)
+        self.base = self.latency.base
+
+    def estimate(self, plan):
+        return self.latency.predict(plan)
+
+    def measure(self, small):
+        # Timed beside the original, so a change of load does not pass for a change of speed.
+        return self.base * self.latency.compare(small)
+
+
+class _Trials:
+    """Plans tried during the search: estimated from the plan, or pruned and measured."""
+
+    def __init__(self, model, graph, cost: _Cost | None = None):
+        self.model, self.graph = model, graph
+        self.cost = cost or _Cost(model, graph)
         self.models: dict = {}
         self.estimates: dict = {}
 
@@ -205,17 +317,17 @@ class _Trials:
         return tuple(sorted((gid, tuple(ch)) for gid, ch in plan.items()))
 
     def measure(self, plan: dict):
-        """(MACs from `kprune.profile`, pruned model)."""
+        """(the cost measured on the pruned model, the pruned model)."""
         key = self._key(plan)
         if key not in self.models:
             small = apply_plan(self.model, plan, self.graph) if plan else copy_model(self.model)
-            self.models[key] = (_macs(small), small)
+            self.models[key] = (self.cost.measure(small), small)
         return self.models[key]
 
     def estimate(self, plan: dict):
         key = self._key(plan)
         if key not in self.estimates:
-            self.estimates[key] = plan_macs(self.graph, plan)
+            self.estimates[key] = self.cost.estimate(plan)
         return self.estimates[key]
 
 
@@ -242,17 +354,22 @@ def _bisect(cost, n: int, budget: float, lo: int = 0) -> int:
     return hi
 
 
-def _search(model, graph, groups, scores, flops_target, scope, guards, verbose):
-    """The smallest ratio whose pruned model keeps at most `flops_target` of the MACs.
+def _search(model, graph, groups, scores, target, cost, scope, guards, verbose):
+    """The smallest ratio whose pruned model keeps at most `target` of `cost`.
 
-    The search bisects over every ratio at which the plan changes, on MACs
-    computed from the plan (`plan_macs`); the chosen plan is then pruned and
-    measured with `kprune.profile`. Should the two disagree, the search is
-    repeated on measured models.
+    The search bisects over every ratio at which the plan changes, on the
+    cost estimated from the plan (`plan_macs`, `plan_params`, or the
+    `LatencyModel` prediction). For MACs and parameters the chosen plan is
+    then pruned and counted; should the two disagree, the search is repeated
+    on pruned models. For latency the chosen model is timed beside the
+    original; the search then goes on on measured latency (`_settle`): if
+    it is slower than the target, between it and the most pruned plan,
+    otherwise between it and the original, until a measured model is within
+    the target and close to it.
     """
-    trials = _Trials(model, graph)
-    base = _macs(model)
-    budget = flops_target * base
+    trials = _Trials(model, graph, cost)
+    base = cost.base
+    budget = target * base
     if base <= budget:
         return {}, copy_model(model)
     cands = _candidates(groups, scope)
@@ -263,43 +380,111 @@ def _search(model, graph, groups, scores, flops_target, scope, guards, verbose):
             plans[i] = pruners.make_plan(groups, scores, cands[i], scope, **guards)
         return plans[i]
 
+    said: set = set()
+
+    def say(i, value, how):
+        if verbose and (i, how) not in said:
+            said.add((i, how))
+            print(f"kprune: ratio {cands[i]:.4f} keeps {value / base:.2%} of the {cost.name}"
+                  + (f" ({how})" if how else ""))
+
     def measured(i):
-        macs = trials.measure(plan_at(i))[0]
-        if verbose:
-            print(f"kprune: ratio {cands[i]:.4f} keeps {macs / base:.2%} of the MACs")
-        return macs
+        value = trials.measure(plan_at(i))[0]
+        say(i, value, "" if cost.exact else "measured")
+        return value
 
     def estimated(i):
-        return trials.estimate(plan_at(i))
+        value = trials.estimate(plan_at(i))
+        if not cost.exact:
+            say(i, value, "predicted")
+        return value
 
-    exact = trials.estimate({}) == base
-    cost = estimated if exact else measured
-    last = len(cands) - 1
-    if cost(last) > budget:
+    def unreachable(value):
         blocked = graph.describe_blockers()
-        raise KprunError(
-            f"Model '{model.name}' cannot reach {flops_target:.1%} of its MACs: "
+        return KprunError(
+            f"Model '{model.name}' cannot reach {target:.1%} of its {cost.name}: "
             + (f"groups are left whole by layers kprune cannot prune through: {blocked}; "
                "with them, " if blocked else "")
             + f"the guards (max_ratio={guards['max_ratio']}, "
             f"min_channels={guards['min_channels']}, round_to={guards['round_to']}) and "
-            f"exclusions leave {cost(last) / base:.1%}. "
+            f"exclusions leave {value / base:.1%}"
+            + ("" if cost.exact else " (measured)") + ". "
             "`kprune.DependencyGraph(model).summary()` lists every group's reason.")
-    i = _bisect(cost, len(cands), budget)
+
+    last = len(cands) - 1
+    if not cost.exact:
+        if estimated(last) > budget:
+            lo, hi = 0, last  # a pessimistic prediction gets a measured second opinion
+        else:
+            i = _bisect(estimated, len(cands), budget)
+            lo, hi = (0, i) if measured(i) <= budget else (i, last)
+        if measured(hi) > budget:
+            raise unreachable(measured(hi))
+        i = _settle(lo, hi, base, budget, estimated, measured)
+        return plan_at(i), trials.measure(plan_at(i))[1]
+    exact = trials.estimate({}) == base
+    first = estimated if exact else measured
+    if first(last) > budget:
+        raise unreachable(first(last))
+    i = _bisect(first, len(cands), budget)
     if exact and measured(i) != estimated(i):
         i = _bisect(measured, len(cands), budget)  # the estimate was off: measure instead
         if measured(i) > budget:
-            raise KprunError(f"Model '{model.name}' cannot reach {flops_target:.1%} of its "
-                             f"MACs within the guards; the smallest is {measured(i) / base:.1%}.")
+            raise KprunError(f"Model '{model.name}' cannot reach {target:.1%} of its "
+                             f"{cost.name} within the guards; the smallest is "
+                             f"{measured(i) / base:.1%}.")
     return plan_at(i), trials.measure(plan_at(i))[1]
+
+
+# Measured latency is settled once it is within this share of the original's latency
+# under the budget (timing noise is larger), or after this many more measured models.
+_LATENCY_TOLERANCE = 0.03
+_MAX_MEASURED = 5
+
+
+def _settle(lo: int, hi: int, base: float, budget: float, estimated, measured) -> int:
+    """The least pruned candidate in (lo, hi] measured within `budget`, found on measurements.
+
+    `lo` is known too slow (0, the original, always is) and `hi` measured
+    within budget. Each step measures one candidate in between and keeps the
+    bracket: a secant step on the prediction mapped through the two measured
+    ends (the prediction's error at them), held a quarter of the bracket
+    away from either end so the bracket always shrinks. It stops when `hi`
+    is within `_LATENCY_TOLERANCE` of the budget, when the corrected
+    prediction finds nothing between, or after `_MAX_MEASURED` steps.
+    """
+
+    def point(k):
+        return (base, base) if k == 0 else (estimated(k), measured(k))
+
+    for _ in range(_MAX_MEASURED):
+        if hi - lo <= 1 or measured(hi) >= budget - _LATENCY_TOLERANCE * base:
+            break
+        (p_lo, m_lo), (p_hi, m_hi) = point(lo), point(hi)
+        j = (lo + hi) // 2
+        if m_lo != m_hi and p_lo != p_hi:
+            goal = p_hi + (budget - m_hi) * (p_lo - p_hi) / (m_lo - m_hi)  # predicted at budget
+            a, b = lo, hi
+            while b - a > 1:
+                mid = (a + b) // 2
+                a, b = (a, mid) if estimated(mid) <= goal else (mid, b)
+            if b == hi:
+                break  # the corrected prediction sees nothing less pruned within budget
+            j = b
+        step = max(1, (hi - lo) // 4)
+        j = min(max(j, lo + step), hi - step)
+        lo, hi = (lo, j) if measured(j) <= budget else (j, hi)
+    return hi
 
 
 # --------------------------------------------------------------------------
 # Entry points
 # --------------------------------------------------------------------------
 def _prepare(model, ratio, flops_target, criterion, scope, data, exclude, round_to, max_ratio,
-             min_channels, reduce, config_list, approximate=True):
-    _check_target(ratio, flops_target, config_list)
+             min_channels, reduce, config_list, approximate=True, params_target=None,
+             latency_target=None, runtime="keras", batch_size=None, threads=None):
+    _check_target(ratio, flops_target, config_list, params_target, latency_target)
+    check_settings(runtime, 1 if batch_size is None else batch_size, threads)
     crit = _criteria.get_criterion(criterion)
     if scope not in _SCOPES:
         raise KprunError(f"Unknown scope {scope!r}; valid scopes: 'local', 'global'.")
@@ -345,15 +530,19 @@ def prune_plan(model: keras.Model, **kwargs) -> dict:
 
 
 def prune(model: keras.Model, *, ratio: float | None = None, flops_target: float | None = None,
+          params_target: float | None = None, latency_target: float | None = None,
           criterion="l1", scope: str = "local", data=None, loss=None, exclude=(),
           round_to: int = 1, max_ratio: float = 0.9, min_channels: int = 1,
           reduce: str = "mean", seed: int | None = None, config_list: Sequence | None = None,
-          verbose: int = 0, batch_size: int = 32, approximate: bool = True) -> keras.Model:
+          verbose: int = 0, batch_size: int | None = None, approximate: bool = True,
+          runtime: str = "keras", threads: int | None = None) -> keras.Model:
     """Remove the least important channels and return a new, smaller model.
 
     Channels are scored once on `model` with `criterion`, reduced over the
     members of each dependency group, then removed for real by
-    `kprune.surgeon.apply_plan`. The caller's model is not changed.
+    `kprune.surgeon.apply_plan`. The caller's model is not changed. Give
+    exactly one of `ratio`, `flops_target`, `params_target`,
+    `latency_target` or `config_list`.
 
     Args:
         model: A functional or Sequential Keras model.
@@ -363,6 +552,18 @@ def prune(model: keras.Model, *, ratio: float | None = None, flops_target: float
         flops_target: Share of the original MACs (`kprune.profile`) the result
             may keep, in (0, 1]: the smallest ratio reaching it is searched, so
             the result is at or just under the target.
+        params_target: Share of the original parameters (`count_params()`)
+            the result may keep, in (0, 1]; searched as `flops_target` is, on
+            counts computed from the plan (`plan_params`).
+        latency_target: Share of the original's measured latency on
+            `runtime` the result may keep, in (0, 1]. The search bisects on
+            latency predicted by a `kprune.latency.LatencyModel` (per-layer
+            tables measured once per machine and cached, see
+            `kprune.latency.LatencyTable`), then times the chosen model end
+            to end beside the original and goes on on measured latency
+            (more pruning if it is too slow, less if well under) until a
+            measured model meets the target closely. Timings are noisy: the
+            result meets the target as measured during the search.
         criterion: A name from `kprune.criteria.available_criteria()`.
         scope: 'local' (same share per group) or 'global' (one ranking over
             groups, scores divided by their group's mean).
@@ -379,12 +580,18 @@ def prune(model: keras.Model, *, ratio: float | None = None, flops_target: float
             `[{"op_types": ["Conv2D"], "sparsity": 0.5}, {"op_names": ["fc"],
             "exclude": True}]`; a group takes the first config matching one of
             its producers.
-        verbose: Print the plan (and the search steps for `flops_target`).
-        batch_size: Batch size for data criteria given arrays.
+        verbose: Print the plan (and the search steps of a target; for
+            `latency_target`, a progress bar while the tables are measured).
+        batch_size: The batch the model runs at: of the timed calls for
+            `latency_target` (default 1), and of data criteria given arrays
+            (default 32).
         approximate: Also prune groups whose removal changes what the kept
             channels compute: residual streams through LayerNorm/RMSNorm,
             whose statistics are then taken over the kept channels (default
             True). With False the result equals the masked original exactly.
+        runtime: Where `latency_target` is timed: `"keras"` (a `tf.function`)
+            or `"tflite"` (float32, the `ai_edge_litert` interpreter).
+        threads: Threads of that runtime (None: its default).
 
     Returns:
         A new Keras model of plain layers, with the original's input and
@@ -392,44 +599,59 @@ def prune(model: keras.Model, *, ratio: float | None = None, flops_target: float
         as the same kind of KerasHub model (`kprune.surgeon.hub`).
 
     Raises:
-        KprunError: for any invalid argument, a model kprune cannot read, or a
-            `flops_target` the guards make unreachable.
+        KprunError: for any invalid argument (two targets, a target outside
+            (0, 1], an unknown runtime...), a model kprune cannot read, or a
+            target the guards make unreachable (the message names the layers
+            that keep groups whole).
 
     Example:
 
     >>> small = prune(model, flops_target=0.5, criterion="fpgm", round_to=8)
     >>> small = prune(model, ratio=0.3, scope="global", exclude=["Dense"])
+    >>> small = prune(model, latency_target=0.5, runtime="tflite", threads=2)
+    >>> small = prune(model, params_target=0.25)
     """
-    small = _run(model, ratio=ratio, flops_target=flops_target, criterion=criterion, scope=scope,
-                 data=data, loss=loss, exclude=exclude, round_to=round_to, max_ratio=max_ratio,
+    small = _run(model, ratio=ratio, flops_target=flops_target, params_target=params_target,
+                 latency_target=latency_target, criterion=criterion, scope=scope, data=data,
+                 loss=loss, exclude=exclude, round_to=round_to, max_ratio=max_ratio,
                  min_channels=min_channels, reduce=reduce, seed=seed, config_list=config_list,
-                 verbose=verbose, batch_size=batch_size, approximate=approximate)[1]
+                 verbose=verbose, batch_size=batch_size, approximate=approximate,
+                 runtime=runtime, threads=threads)[1]
     return hub.repackage(model, small)
 
 
-def _run(model, *, ratio=None, flops_target=None, criterion="l1", scope="local", data=None,
-         loss=None, exclude=(), round_to=1, max_ratio=0.9, min_channels=1, reduce="mean",
-         seed=None, config_list=None, verbose=0, batch_size=32, approximate=True):
+def _run(model, *, ratio=None, flops_target=None, params_target=None, latency_target=None,
+         criterion="l1", scope="local", data=None, loss=None, exclude=(), round_to=1,
+         max_ratio=0.9, min_channels=1, reduce="mean", seed=None, config_list=None, verbose=0,
+         batch_size=None, approximate=True, runtime="keras", threads=None):
     crit, graph, groups, configs = _prepare(model, ratio, flops_target, criterion, scope, data,
                                             exclude, round_to, max_ratio, min_channels, reduce,
-                                            config_list, approximate)
+                                            config_list, approximate, params_target,
+                                            latency_target, runtime, batch_size, threads)
     guards = dict(max_ratio=max_ratio, min_channels=min_channels, round_to=round_to)
     if configs is not None:
         sparsity = config_ratios(groups, configs)
         groups = [g for g in groups if g.id in sparsity]
     scores = _criteria.score_groups(model, groups, crit, reduce, data, loss, seed, graph,
-                                    batch_size) if groups else {}
+                                    32 if batch_size is None else batch_size) if groups else {}
     if verbose and len(scores) < len(groups):
         print(f"kprune: criterion '{crit.name}' has nothing to score in "
               f"{len(groups) - len(scores)} group(s); they are left whole")
     groups = [g for g in groups if g.id in scores]
-    if flops_target is not None:
-        plan, small = _search(model, graph, groups, scores, flops_target, scope, guards, verbose)
+    searched = {"flops_target": flops_target, "params_target": params_target,
+                "latency_target": latency_target}
+    target = next((v for v in searched.values() if v is not None), None)
+    if target is not None:
+        if latency_target is not None:
+            cost = _LatencyCost(model, graph, groups, runtime,
+                                1 if batch_size is None else batch_size, threads, verbose)
+        else:
+            cost = (_ParamsCost if params_target is not None else _Cost)(model, graph)
+        plan, small = _search(model, graph, groups, scores, target, cost, scope, guards, verbose)
     else:
-        target = sparsity if configs is not None else ratio
-        plan = pruners.make_plan(groups, scores, target, scope, **guards)
+        plan = pruners.make_plan(groups, scores, sparsity if configs is not None else ratio,
+                                 scope, **guards)
         small = apply_plan(model, plan, graph) if plan else copy_model(model)
-    if flops_target is None:
         _warn_shortfall(model, graph, groups, plan, ratio if configs is None else None)
     _report(model, graph, plan, verbose)
     return plan, small
@@ -462,4 +684,5 @@ def _warn_shortfall(model, graph, groups, plan, ratio) -> None:
                   KprunWarning, stacklevel=4)
 
 
-__all__ = ["config_ratios", "parse_config_list", "plan_macs", "prune", "prune_plan"]
+__all__ = ["config_ratios", "parse_config_list", "plan_macs", "plan_params", "prune",
+           "prune_plan"]

@@ -11,8 +11,8 @@ import kprune
 ROOT = pathlib.Path(kprune.__file__).parent
 
 # Bottom to top. A module may import from its own layer and from those below.
-LAYERS = ["errors", "layers", "models", "graph", "surgeon", "profile", "select", "pruning",
-          "train", "methods", "tools"]
+LAYERS = ["errors", "layers", "models", "graph", "surgeon", "profile", "latency", "select",
+          "pruning", "search", "train", "methods", "tools"]
 FACADE = {"kprune/__init__.py", "kprune/__main__.py"}
 
 
@@ -72,7 +72,8 @@ def test_the_check_sees_an_upward_import(tmp_path):
 @pytest.mark.parametrize("name", ["prune", "profile", "latency", "export", "resrep", "slimming",
                                   "condense", "sfp", "repr", "agp", "criteria", "pruners",
                                   "masking", "rules", "regularizers", "datasets", "surgeon",
-                                  "layers", "models", "Trainer", "DependencyGraph", "KprunError"])
+                                  "layers", "models", "Trainer", "DependencyGraph", "KprunError",
+                                  "search", "lowrank", "plot"])
 def test_public_names_stay(name):
     assert hasattr(kprune, name)
 

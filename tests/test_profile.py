@@ -1,14 +1,13 @@
 """MACs and parameter counts."""
 
 import keras
-import numpy as np
 import pytest
 from keras import layers as L
 
 import archs
 import kprune
 from kprune import KprunError
-from kprune.profile import layer_macs, profile, register_macs
+from kprune.profile import profile, register_macs
 
 
 def _single(layer, shape):

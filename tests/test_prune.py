@@ -157,7 +157,8 @@ class _Sub(keras.Model):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(), "exactly one of `ratio`, `flops_target` or `config_list`; got none"),
+    (dict(), "exactly one of `ratio`, `flops_target`, `params_target`, `latency_target` or "
+             "`config_list`; got none"),
     (dict(ratio=0.5, flops_target=0.5), "got ratio, flops_target"),
     (dict(ratio=1.0), "in \\[0, 1\\); got 1.0"),
     (dict(ratio=-0.1), "ratio"),

@@ -1,3 +1,3 @@
 """Training-time pruning recipes built on the graph, surgeon, selection and training layers."""
 
-from kprune.methods import agp, condense, repr, resrep, sfp, slimming  # noqa: F401
+from kprune.methods import agp, condense, lowrank, repr, resrep, sfp, slimming  # noqa: F401

@@ -602,6 +602,8 @@ class MaskScheduler(keras.callbacks.Callback):
 
     Attributes:
         macs_ratio: Converted MACs over original MACs after the last update.
+        history: One `(step, macs_ratio, masked channels)` tuple per update
+            (`kprune.plot.mask_schedule` draws it).
 
     Example:
 
@@ -628,6 +630,7 @@ class MaskScheduler(keras.callbacks.Callback):
         self.min_channels = int(min_channels)
         self.verbose = verbose
         self.macs_ratio = None
+        self.history = []
         self.original = None
         self._layout = None
         self._counter = None
@@ -718,6 +721,7 @@ class MaskScheduler(keras.callbacks.Callback):
             masked += 1
         layout.write(drop)
         self.macs_ratio = counter.total / self.original
+        self.history.append((self.step(), float(self.macs_ratio), int(masked)))
         if self.verbose:
             print(f"MaskScheduler step {self.step()}: {masked} channels masked, "
                   f"MACs {counter.total:,} ({self.macs_ratio:.1%} of {self.original:,})")

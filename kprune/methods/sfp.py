@@ -13,6 +13,16 @@ is kept so the filter can still learn), so at every epoch end the model
 computes exactly what the pruned model will. Layers are dependency groups:
 the filters of a residual stream are scored and zeroed together.
 
+`finalize` is exact (it returns what the masked model computes); the
+accuracy cost is in the epoch-end zeroing itself. With BatchNormalization
+after them, zeroed filters grow back to a working scale within one epoch,
+and the moving statistics of the layers after them lag behind (Keras'
+default momentum is 0.99; PyTorch's default equals 0.9), so on short epochs
+the model right after the last zeroing can be far below its training
+accuracy. Re-estimate the
+BatchNormalization statistics on some training batches, or fine-tune for a
+few epochs, after `finalize`.
+
 Example:
 
 >>> sfp = kprune.sfp.SoftFilterPruning(ratio=0.3)

@@ -1,9 +1,12 @@
-"""The `kprune` command line: profile, prune, export, demo.
+"""The `kprune` command line: profile, prune, decompose, export, demo.
 
 Example:
 
     $ kprune profile MobileNetV2 --input-shape 96,96,3
-    $ kprune prune model.keras -o small.keras --flops-target 0.5 --criterion l1
+    $ kprune profile model.keras --plot profile.png
+    $ kprune prune model.keras -o small.keras --flops-target 0.5 --criterion l1 \
+          --report channels.png
+    $ kprune decompose model.keras small.keras --flops-target 0.5 --method enc_map
     $ kprune export small.keras --tflite small.tflite
     $ kprune demo
 """
@@ -87,22 +90,84 @@ def _profile(args) -> None:
     from kprune.profile import profile
 
     shape = parse_shape(args.input_shape) if args.input_shape else None
+    _check_image_path(args.plot, "--plot")
     is_file = os.path.exists(args.model)
     model = load_model(args.model, None if is_file else shape)
     result = profile(model, input_shape=shape if is_file else None)
     print(json.dumps(result.to_dict(), default=list) if args.json else result)
+    if args.plot:
+        from kprune.tools import plot
+
+        _write_figure(plot.overview(result), args.plot, quiet=args.json)
 
 
 def _prune(args) -> None:
     import kprune
     from kprune.profile import format_count, profile
 
+    _check_image_path(args.report, "--report")
     model = load_model(args.model)
     small = kprune.prune(model, ratio=args.ratio, flops_target=args.flops_target,
                          criterion=args.criterion, scope=args.scope, round_to=args.round_to,
                          exclude=tuple(args.exclude))
     _save(small, args.output)
     before, after = profile(model), profile(small)
+    print(f"{args.output}: MACs {format_count(before.macs)} -> {format_count(after.macs)} "
+          f"({after.macs / max(before.macs, 1):.1%}), params {format_count(before.params)} -> "
+          f"{format_count(after.params)} ({after.params / max(before.params, 1):.1%})")
+    if args.report:
+        from kprune.tools import plot
+
+        _write_figure(plot.channels(before, after), args.report)
+
+
+def _check_image_path(path, flag: str) -> None:
+    """Fail before any work when `path` is no image file or matplotlib is missing."""
+    if not path:
+        return
+    if os.path.splitext(path)[1].lower() not in (".png", ".svg", ".pdf", ".jpg", ".jpeg"):
+        raise ValueError(f"{flag} writes a picture: give a file ending in .png, .svg, .pdf or "
+                         f".jpg; got '{path}'.")
+    from kprune.tools import plot
+
+    plot._figure_class()  # raises KprunError "pip install kprune[plot]" without matplotlib
+
+
+def _write_figure(figure, path: str, quiet: bool = False) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    figure.savefig(path, dpi=110)
+    if not quiet:
+        print(f"wrote {path}")
+
+
+def _decompose(args) -> None:
+    import numpy as np
+
+    import kprune
+    from kprune.profile import format_count, profile
+
+    model = load_model(args.model)
+    evaluate = None
+    if args.data or args.labels:
+        if not (args.data and args.labels):
+            raise ValueError("--data and --labels go together (inputs and integer labels).")
+        x, y = np.load(args.data), np.load(args.labels)
+
+        def evaluate(m):  # top-1 accuracy on the given samples
+            return float(np.mean(np.argmax(m.predict(x, batch_size=256, verbose=0), -1) == y))
+    needs = [what for what, on in (("--metric accuracy", args.metric == "accuracy"),
+                                   ("--method enc_inf", args.method == "enc_inf")) if on]
+    if needs and evaluate is None:
+        raise ValueError(f"{' and '.join(needs)} evaluate the model: give --data X.npy and "
+                         "--labels Y.npy.")
+    kinds = ("channel",) if args.no_spatial else ("channel", "spatial")
+    selection = kprune.lowrank.select_ranks(
+        model, args.flops_target, args.method, metric=args.metric, evaluate=evaluate,
+        kinds=kinds, exclude=tuple(args.exclude), verbose=0)
+    small = kprune.lowrank.decompose(model, selection.ranks)
+    _save(small, args.output)
+    before, after = profile(model), profile(small)
+    print(selection)
     print(f"{args.output}: MACs {format_count(before.macs)} -> {format_count(after.macs)} "
           f"({after.macs / max(before.macs, 1):.1%}), params {format_count(before.params)} -> "
           f"{format_count(after.params)} ({after.params / max(before.params, 1):.1%})")
@@ -144,7 +209,7 @@ def _demo(args) -> None:
 # Parser
 # --------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    """The `kprune` argument parser with its four subcommands."""
+    """The `kprune` argument parser with its subcommands."""
     parser = argparse.ArgumentParser(
         prog="kprune", description="Structured channel pruning for Keras 3 models.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -159,6 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="input shape without batch axis (architectures, or files with unknown "
                         "sizes)")
     p.add_argument("--json", action="store_true", help="print the profile as JSON")
+    p.add_argument("--plot", metavar="FILE.png",
+                   help="also draw each layer's MACs share and output channels to this picture "
+                        "(needs matplotlib: pip install kprune[plot])")
     p.set_defaults(run=_profile)
 
     p = sub.add_parser("prune", help="remove channels to a MACs target or ratio",
@@ -181,7 +249,34 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep a multiple of N channels per group (default: 1)")
     p.add_argument("--exclude", action="append", default=[], metavar="NAME",
                    help="layer name or class to leave whole (repeatable)")
+    p.add_argument("--report", metavar="FILE.png",
+                   help="also draw the output channels per layer before and after to this "
+                        "picture (needs matplotlib: pip install kprune[plot])")
     p.set_defaults(run=_prune)
+
+    p = sub.add_parser("decompose", help="replace layers by low-rank factors to a MACs target",
+                       description="Choose a rank for every Dense and convolution layer (ENC "
+                                   "rank selection) and replace each by its truncated SVD, two "
+                                   "plain Keras layers (kprune.lowrank).")
+    p.add_argument("model", metavar="IN", help="the .keras model to decompose")
+    p.add_argument("output", metavar="OUT", help="where to save the decomposed .keras model")
+    p.add_argument("--flops-target", type=float, required=True, metavar="F",
+                   help="share of the original MACs to keep, e.g. 0.5")
+    p.add_argument("--method", choices=("uniform", "enc_map", "enc_model", "enc_inf"),
+                   default="enc_map",
+                   help="rank selection: uniform, enc_map, enc_model or enc_inf (default: "
+                        "enc_map)")
+    p.add_argument("--metric", choices=("energy", "accuracy"), default="energy",
+                   help="per-layer metric: singular-value energy kept, or measured accuracy "
+                        "(needs --data and --labels) (default: energy)")
+    p.add_argument("--data", metavar="X.npy",
+                   help="held-out inputs, for --metric accuracy and --method enc_inf")
+    p.add_argument("--labels", metavar="Y.npy", help="their integer labels (top-1 accuracy)")
+    p.add_argument("--no-spatial", action="store_true",
+                   help="only channel decompositions (no k x 1 + 1 x k convolutions)")
+    p.add_argument("--exclude", action="append", default=[], metavar="NAME",
+                   help="layer name or class to leave whole (repeatable)")
+    p.set_defaults(run=_decompose)
 
     p = sub.add_parser("export", help="write .keras, SavedModel and TFLite files, checked",
                        description="Write the model in the chosen formats, run every artifact "

@@ -2,7 +2,10 @@
 
 `digits` runs offline: it reads scikit-learn's bundled 8x8 handwritten digits
 (1,797 images, 10 classes) and upsamples them to a conv-net friendly size.
-`cifar10` downloads CIFAR-10 through `keras.datasets` for users with network.
+`digits_folds` splits the same images into k folds so that every image is
+tested once. `mnist1d` generates the MNIST-1D sequences offline with the
+`mnist1d` package (`pip install mnist1d`). `cifar10` downloads CIFAR-10
+through `keras.datasets` for users with network.
 """
 
 from __future__ import annotations
@@ -74,6 +77,100 @@ def digits(image_size: int = 16, channels: int = 3, test_size: float = 0.2,
     return _split(images, labels, float(test_size), int(seed))
 
 
+def digits_folds(k: int = 5, image_size: int = 16, channels: int = 3, seed: int = 0) -> list:
+    """`digits` as `k` train/test splits in which every image is tested exactly once.
+
+    The 1,797 images are shuffled once with `seed` and cut into `k` folds of
+    (almost) equal size; split `i` tests on fold `i` and trains on the rest.
+
+    Args:
+        k: Number of folds, at least 2.
+        image_size: Height and width of the images (>= 8), as in `digits`.
+        channels: Number of (identical) channels, as in `digits`.
+        seed: Seed of the shuffle.
+
+    Returns:
+        A list of `k` `((x_train, y_train), (x_test, y_test))` tuples.
+
+    Raises:
+        ValueError: for `k` below 2 or above the number of images, or the
+            arguments `digits` rejects.
+
+    Example:
+
+    >>> folds = digits_folds(5)
+    >>> sum(len(test[1]) for _, test in folds)
+    1797
+    """
+    if isinstance(k, bool) or int(k) != k or int(k) < 2:
+        raise ValueError(f"digits_folds: k must be an int >= 2, got {k!r}.")
+    (x, y), (xt, yt) = digits(image_size=image_size, channels=channels, test_size=0.5, seed=0)
+    images, labels = np.concatenate([x, xt]), np.concatenate([y, yt])
+    if int(k) > len(images):
+        raise ValueError(f"digits_folds: k={k} exceeds the {len(images)} images.")
+    order = np.random.default_rng(seed).permutation(len(images))
+    folds = np.array_split(order, int(k))
+    out = []
+    for i, test in enumerate(folds):
+        train = np.concatenate([f for j, f in enumerate(folds) if j != i])
+        out.append(((images[train], labels[train]), (images[test], labels[test])))
+    return out
+
+
+def mnist1d(n: int = 5000, seed: int = 0, test_size: float = 0.2) -> Arrays:
+    """MNIST-1D (Greydanus, 2020), generated offline, shaped for Conv1D.
+
+    The `mnist1d` package builds the 40-step sequences from its ten digit
+    templates with random padding, translation, shear, scaling and noise;
+    nothing is downloaded. Sequences are returned channels last, normalised
+    as the package does (zero mean, unit standard deviation overall).
+
+    Args:
+        n: Number of sequences in all (train + test), at least 20; rounded
+            down to a multiple of 10 (the same number per class).
+        seed: Seed of the generator (the package's own `seed` argument; the
+            global NumPy random state is restored afterwards).
+        test_size: Share of the sequences held out, in (0, 1).
+
+    Returns:
+        `((x_train, y_train), (x_test, y_test))`: float32 arrays of shape
+        `(n, 40, 1)` and int32 labels 0-9.
+
+    Raises:
+        KprunError: when the `mnist1d` package is not installed.
+        ValueError: for `n` below 20 or a `test_size` outside (0, 1).
+
+    Example:
+
+    >>> (x_train, y_train), (x_test, y_test) = mnist1d(n=4000)
+    >>> x_train.shape
+    (3200, 40, 1)
+    """
+    if isinstance(n, bool) or int(n) != n or int(n) < 20:
+        raise ValueError(f"mnist1d: n must be an int >= 20, got {n!r}.")
+    if not 0.0 < float(test_size) < 1.0:
+        raise ValueError(f"mnist1d: test_size must be in (0, 1), got {test_size}.")
+    try:
+        from mnist1d.data import get_dataset_args, make_dataset
+    except ImportError as exc:
+        from kprune.errors import KprunError
+
+        raise KprunError("mnist1d: the `mnist1d` package is needed to generate MNIST-1D "
+                         "offline; pip install mnist1d") from exc
+    args = get_dataset_args()
+    args.num_samples = int(n)
+    args.train_split = 1.0 - float(test_size)
+    args.seed = int(seed)
+    state = np.random.get_state()  # make_dataset seeds NumPy's global generator
+    try:
+        data = make_dataset(args)
+    finally:
+        np.random.set_state(state)
+    x, xt = (np.asarray(data[k], "float32")[..., None] for k in ("x", "x_test"))
+    y, yt = (np.asarray(data[k]).astype("int32") for k in ("y", "y_test"))
+    return (x, y), (xt, yt)
+
+
 def cifar10() -> Arrays:
     """CIFAR-10 through `keras.datasets` (downloads about 170 MB once).
 
@@ -135,4 +232,4 @@ def as_dataset(x: np.ndarray, y: np.ndarray, batch_size: int = 64, shuffle: bool
     return ds.batch(int(batch_size)).prefetch(tf.data.AUTOTUNE)
 
 
-__all__ = ["as_dataset", "cifar10", "digits"]
+__all__ = ["as_dataset", "cifar10", "digits", "digits_folds", "mnist1d"]

@@ -13,16 +13,15 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import os
-import tempfile
-import warnings
 from typing import Iterable, Mapping, Sequence
 
 import keras
 import numpy as np
 
 from kprune.errors import KprunError
+# The TFLite helpers live in kprune.latency (a lower layer, which times TFLite models too).
+from kprune.latency import _quiet, _samples, tflite_bytes, tflite_interpreter  # noqa: F401
 
 FORMATS = ("keras", "saved_model", "tflite")
 
@@ -39,93 +38,16 @@ FLOAT_ATOL = 1e-5
 # broken conversion, not rounding: 0.1 allows about 25 output steps.
 INT8_TOLERANCE = 0.1
 
-_CALIBRATION_SAMPLES = 100
-
 
 # --------------------------------------------------------------------------
 # Helpers
 # --------------------------------------------------------------------------
-@contextlib.contextmanager
-def _quiet():
-    """Silence C++ and Python output on stdout/stderr; replay its tail on error.
-
-    The TFLite converter logs MLIR passes straight to file descriptors 1 and
-    2, which `contextlib.redirect_stdout` alone cannot catch.
-    """
-    import io
-    import sys
-
-    with tempfile.TemporaryFile(mode="w+b") as log:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        saved = [os.dup(1), os.dup(2)]
-        os.dup2(log.fileno(), 1)
-        os.dup2(log.fileno(), 2)
-        text = io.StringIO()
-        try:
-            with contextlib.redirect_stdout(text), contextlib.redirect_stderr(text):
-                yield
-        except Exception:
-            _restore(saved)
-            log.seek(0)
-            output = text.getvalue() + log.read().decode("utf-8", "replace")
-            tail = output.strip().splitlines()[-20:]
-            if tail:
-                print("\n".join(tail), file=sys.stderr)
-            raise
-        else:
-            _restore(saved)
-
-
-def _restore(saved) -> None:
-    for fd, dup in zip((1, 2), saved):
-        os.dup2(dup, fd)
-        os.close(dup)
-
-
 def _size(path: str) -> int:
     """Bytes of a file, or of every file under a directory."""
     if os.path.isdir(path):
         return sum(os.path.getsize(os.path.join(root, f))
                    for root, _, files in os.walk(path) for f in files)
     return os.path.getsize(path)
-
-
-def _input_shape(model: keras.Model) -> tuple:
-    if len(model.inputs) != 1 or len(model.outputs) != 1:
-        raise KprunError(f"Model '{model.name}': export checks need one input and one output "
-                         f"(it has {len(model.inputs)} and {len(model.outputs)}); pass check=False.")
-    shape = tuple(model.inputs[0].shape[1:])
-    if any(d is None for d in shape):
-        raise KprunError(f"Model '{model.name}': input shape {shape} has unknown sizes; TFLite "
-                         "and the checks need a fixed input shape.")
-    return shape
-
-
-def _samples(model: keras.Model, data, limit: int) -> np.ndarray:
-    """Up to `limit` float32 input samples from `data` (array, dataset or iterable)."""
-    shape = _input_shape(model)
-    if data is None:
-        rng = np.random.default_rng(0)
-        return rng.uniform(0.0, 1.0, size=(min(limit, 4),) + shape).astype("float32")
-    if hasattr(data, "shape"):
-        x = np.asarray(data, dtype="float32")
-    else:
-        parts, count = [], 0
-        for item in data:
-            batch = item[0] if isinstance(item, (tuple, list)) else item
-            batch = np.asarray(batch, dtype="float32")
-            parts.append(batch)
-            count += len(batch)
-            if count >= limit:
-                break
-        if not parts:
-            raise KprunError(f"Model '{model.name}': representative_data yielded no samples.")
-        x = np.concatenate(parts)
-    if x.shape[1:] != shape:
-        raise KprunError(f"Model '{model.name}': representative_data has samples of shape "
-                         f"{x.shape[1:]}, the model's input is {shape}.")
-    return x[:limit]
 
 
 def _zero_span(values: np.ndarray) -> float:
@@ -199,43 +121,6 @@ def save_saved_model(model: keras.Model, path: str) -> str:
     return str(path)
 
 
-def tflite_bytes(model: keras.Model, representative_data=None) -> bytes:
-    """Convert `model` to a TFLite flatbuffer.
-
-    Args:
-        model: A model with a fixed input shape.
-        representative_data: Calibration inputs (an array of samples, a
-            `tf.data.Dataset` or an iterable of batches, `(x, y)` pairs
-            allowed). When given, the model is fully integer-quantised: int8
-            weights and activations, float32 input and output.
-
-    Returns:
-        The flatbuffer bytes.
-
-    Example:
-
-    >>> open("small.tflite", "wb").write(tflite_bytes(small))
-    """
-    import tensorflow as tf
-
-    with _quiet():  # builds a temporary SavedModel and prints its endpoints
-        converter = tf.lite.TFLiteConverter.from_keras_model(model)
-    if representative_data is not None:
-        calibration = _samples(model, representative_data, _CALIBRATION_SAMPLES)
-
-        def gen():
-            for sample in calibration:
-                yield [sample[None]]
-
-        converter.optimizations = [tf.lite.Optimize.DEFAULT]
-        converter.representative_dataset = gen
-        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-    with _quiet(), warnings.catch_warnings():
-        # Float input/output on an int8 model is intended: no input statistics.
-        warnings.filterwarnings("ignore", message="Statistics for quantized inputs")
-        return converter.convert()
-
-
 def save_tflite(model: keras.Model, path: str, representative_data=None) -> str:
     """Write `tflite_bytes(model, representative_data)` to `path`.
 
@@ -257,18 +142,6 @@ def save_tflite(model: keras.Model, path: str, representative_data=None) -> str:
 # --------------------------------------------------------------------------
 # Runners
 # --------------------------------------------------------------------------
-def tflite_interpreter(path: str):
-    """A TFLite interpreter for `path`: `ai_edge_litert` if installed, else `tf.lite`."""
-    try:
-        from ai_edge_litert.interpreter import Interpreter
-    except ImportError:  # pragma: no cover - depends on the environment
-        import tensorflow as tf
-
-        Interpreter = tf.lite.Interpreter
-    with _quiet():  # the runtime announces its CPU delegate on stderr
-        return Interpreter(model_path=str(path))
-
-
 def run_tflite(path: str, x: np.ndarray) -> np.ndarray:
     """Run the single-input TFLite model at `path` on every sample of `x`.
 
