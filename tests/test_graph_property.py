@@ -64,3 +64,24 @@ def test_random_architectures_prune_exactly(blocks, flatten_head, fraction, seed
     x_in = np.random.default_rng(seed).normal(size=(2, 8, 8, 3)).astype("float32")
     small = check_equivalence(model, plan, x_in, graph=graph, rtol=1e-4, atol=1e-4)
     assert small.count_params() <= model.count_params()
+
+
+def test_a_plan_emptying_one_part_of_a_concatenation():
+    """Found by the property above: a Concatenate's part emptied by a plan of its group."""
+    inp = keras.Input((8, 8, 3))
+    a = L.Conv2D(3, 1, name="a")(inp)
+    b = L.Conv2D(4, 1, name="b")(a)
+    x = L.Add()([L.Concatenate()([a, b]), L.Conv2D(7, 1, name="c")(a)])
+    model = keras.Model(inp, L.Dense(2)(L.GlobalAveragePooling2D()(x)))
+    graph = DependencyGraph(model)
+    group = graph.group_of("b")
+    import pytest
+
+    from kprune.errors import KprunError
+    from kprune.surgeon import apply_plan
+
+    with pytest.raises(KprunError, match="every output channel of 'b'"):
+        apply_plan(model, {group.id: [3, 4, 5, 6]}, graph)
+    plan = random_plan(graph, 0.9, seed=0)
+    assert set(plan[group.id]) != {3, 4, 5, 6}
+    check_equivalence(model, plan, np.ones((1, 8, 8, 3), "float32"), graph=graph)

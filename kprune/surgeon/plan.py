@@ -56,6 +56,15 @@ def _describe(group) -> str:
     return f"layer '{names[0]}'" + (f" and {len(names) - 1} coupled layers" if len(names) > 1 else "")
 
 
+def _check_producers(group, mask):
+    for member in group.producers:
+        own = member.index[member.index >= 0]
+        if len(own) and mask[own].all():
+            raise KprunError(f"The plan removes every output channel of '{member.name}' "
+                             f"(channels {sorted(set(own.tolist()))} of its group): keep at "
+                             "least one of them.")
+
+
 def _check_even(group, mask, where):
     for part in group.partitions:
         counts = {int(p): int(mask[part == p].sum()) for p in np.unique(part[part >= 0])}
@@ -104,6 +113,8 @@ def apply_plan(model: keras.Model, plan: Mapping, graph: DependencyGraph | None 
     """
     graph = graph or DependencyGraph(model)
     drop = drop_masks(graph, plan)
+    for gid, mask in drop.items():
+        _check_producers(graph.groups[gid], mask)
 
     def make_call(call, args, kwargs):
         keep_in = _masks_for(graph, call.inputs, drop)

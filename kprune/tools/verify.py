@@ -39,8 +39,17 @@ def random_plan(graph: DependencyGraph, fraction: float = 0.5, seed: int | None 
         if n <= 0:
             continue
         chosen = [rng.choice(b, n, replace=False) for b in blocks]
-        plan[group.id] = sorted(np.concatenate(chosen).tolist())
+        plan[group.id] = sorted(_keep_every_producer(group, set(np.concatenate(chosen).tolist())))
     return plan
+
+
+def _keep_every_producer(group, dropped: set) -> set:
+    """Give back one channel to each producer the plan would empty (a Concatenate's part)."""
+    for member in group.producers:
+        own = sorted(set(member.index[member.index >= 0].tolist()))
+        if own and dropped.issuperset(own):
+            dropped.discard(own[0])
+    return dropped
 
 
 def _blocks(group) -> list:
