@@ -43,7 +43,7 @@ import numpy as np
 
 from kprune.errors import KprunError, KprunWarning
 from kprune.graph import DependencyGraph
-from kprune.pruning import config_ratios, parse_config_list
+from kprune.pruning import _check_exclude_names, config_ratios, parse_config_list
 from kprune.search.budget import Budget, check_budget
 from kprune.select import criteria as _criteria
 from kprune.select import pruners
@@ -172,15 +172,6 @@ def _check_limits(max_trials, time_limit) -> None:
                                    or not isinstance(time_limit, (int, float, np.number))
                                    or not time_limit > 0):
         raise KprunError(f"`time_limit` must be None or seconds > 0, got {time_limit!r}.")
-
-
-def _check_exclude_names(model, graph, entries) -> None:
-    names = {c.layer.name for c in graph.flat.calls}
-    classes = {type(c.layer).__name__ for c in graph.flat.calls}
-    for entry in entries:
-        if isinstance(entry, str) and entry not in names and entry not in classes:
-            raise KprunError(f"`exclude` entry '{entry}' is neither a layer name nor a layer "
-                             f"class of model '{model.name}'.")
 
 
 # --------------------------------------------------------------------------
