@@ -10,7 +10,7 @@ from kprune.errors import KprunError
 
 
 def test_mnist1d_shapes_types_and_split():
-    pytest.importorskip("mnist1d")
+    pytest.importorskip("mnist1d", reason="mnist1d is an optional data package (in the [dev] extra)")
     (x, y), (xt, yt) = datasets.mnist1d(n=200, seed=0)
     assert x.shape == (160, 40, 1) and xt.shape == (40, 40, 1)
     assert y.shape == (160,) and yt.shape == (40,)
@@ -21,7 +21,7 @@ def test_mnist1d_shapes_types_and_split():
 
 
 def test_mnist1d_depends_on_seed_only_and_leaves_numpy_state_alone():
-    pytest.importorskip("mnist1d")
+    pytest.importorskip("mnist1d", reason="mnist1d is an optional data package (in the [dev] extra)")
     np.random.seed(123)
     expected = np.random.rand()
     np.random.seed(123)
@@ -34,7 +34,7 @@ def test_mnist1d_depends_on_seed_only_and_leaves_numpy_state_alone():
 
 
 def test_mnist1d_test_size_and_bad_arguments():
-    pytest.importorskip("mnist1d")
+    pytest.importorskip("mnist1d", reason="mnist1d is an optional data package (in the [dev] extra)")
     (x, _), (xt, _) = datasets.mnist1d(n=100, seed=0, test_size=0.5)
     assert len(x) == len(xt) == 50
     with pytest.raises(ValueError, match="n must be"):

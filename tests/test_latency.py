@@ -213,7 +213,7 @@ def test_real_timing_fills_every_grid_point():
 
 
 @pytest.mark.skipif(importlib.util.find_spec("ai_edge_litert") is None,
-                    reason="ai_edge_litert is not installed")
+                    reason="ai_edge_litert is the optional [litert] extra; it is not installed")
 def test_tflite_measure_smoke():
     model = _net()
     assert kl.measure(model, runtime="tflite", threads=1, warmup=1, runs=2) > 0

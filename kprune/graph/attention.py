@@ -253,10 +253,9 @@ class MultiHeadAttentionRule(LayerRule):
 
     def inner_attrs(self, layer, keep_inner):
         heads, key_dim, value_dim = self._sizes(layer)
-        kept = _idx(_mask(keep_inner, "heads", heads))
+        kept = _idx(_mask(keep_inner, "heads", heads))  # never empty: a group keeps a channel
         per = {slot: int(_mask(keep_inner, slot, heads * width).reshape(heads, width)[kept[0]].sum())
-               for slot, width in (("key_dim", key_dim), ("value_dim", value_dim))} if len(kept) \
-            else {"key_dim": key_dim, "value_dim": value_dim}
+               for slot, width in (("key_dim", key_dim), ("value_dim", value_dim))}
         return {"num_heads": len(kept), **per}
 
 
