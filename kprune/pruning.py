@@ -12,6 +12,7 @@ True
 from __future__ import annotations
 
 import dataclasses
+import math
 import warnings
 from typing import Mapping, Sequence
 
@@ -354,6 +355,30 @@ def _bisect(cost, n: int, budget: float, lo: int = 0) -> int:
     return hi
 
 
+class _SearchBar:
+    """A `keras.utils.Progbar` over a target search's steps (`prune(..., verbose=1)`).
+
+    Its length is the bisection's steps over `n` candidates plus, for a
+    measured cost, the measured models; a search that needs more steps holds
+    the bar one short of its end until `close`.
+    """
+
+    def __init__(self, n: int, cost):
+        steps = max(1, math.ceil(math.log2(max(n, 2)))) + 1
+        if not cost.exact:
+            steps += _MAX_MEASURED + 2
+        print(f"kprune: searching the ratio for the {cost.name} target")
+        self.bar, self.done = keras.utils.Progbar(steps, unit_name="step"), 0
+
+    def step(self, values) -> None:
+        if self.done + 1 < self.bar.target:
+            self.done += 1
+            self.bar.update(self.done, values)
+
+    def close(self) -> None:
+        self.bar.update(self.bar.target, finalize=True)
+
+
 def _search(model, graph, groups, scores, target, cost, scope, guards, verbose):
     """The smallest ratio whose pruned model keeps at most `target` of `cost`.
 
@@ -367,6 +392,17 @@ def _search(model, graph, groups, scores, target, cost, scope, guards, verbose):
     otherwise between it and the original, until a measured model is within
     the target and close to it.
     """
+    bar = _SearchBar(len(_candidates(groups, scope)), cost) if verbose == 1 else None
+    try:
+        return _search_steps(model, graph, groups, scores, target, cost, scope, guards,
+                             verbose, bar)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _search_steps(model, graph, groups, scores, target, cost, scope, guards, verbose, bar):
+    """`_search`'s steps; `bar` (or None) advances once per estimated or measured plan."""
     trials = _Trials(model, graph, cost)
     base = cost.base
     budget = target * base
@@ -383,10 +419,14 @@ def _search(model, graph, groups, scores, target, cost, scope, guards, verbose):
     said: set = set()
 
     def say(i, value, how):
-        if verbose and (i, how) not in said:
-            said.add((i, how))
+        if (i, how) in said:
+            return
+        said.add((i, how))
+        if verbose >= 2:
             print(f"kprune: ratio {cands[i]:.4f} keeps {value / base:.2%} of the {cost.name}"
                   + (f" ({how})" if how else ""))
+        elif bar is not None:
+            bar.step([("ratio", cands[i]), ("kept", value / base)])
 
     def measured(i):
         value = trials.measure(plan_at(i))[0]
@@ -395,8 +435,7 @@ def _search(model, graph, groups, scores, target, cost, scope, guards, verbose):
 
     def estimated(i):
         value = trials.estimate(plan_at(i))
-        if not cost.exact:
-            say(i, value, "predicted")
+        say(i, value, "predicted" if not cost.exact else "estimated")
         return value
 
     def unreachable(value):
@@ -580,8 +619,9 @@ def prune(model: keras.Model, *, ratio: float | None = None, flops_target: float
             `[{"op_types": ["Conv2D"], "sparsity": 0.5}, {"op_names": ["fc"],
             "exclude": True}]`; a group takes the first config matching one of
             its producers.
-        verbose: Print the plan (and the search steps of a target; for
-            `latency_target`, a progress bar while the tables are measured).
+        verbose: 0 is quiet; 1 prints the plan and, for a target, a progress
+            bar over the search's steps (and, for `latency_target`, one
+            while the tables are measured); 2 prints every step instead.
         batch_size: The batch the model runs at: of the timed calls for
             `latency_target` (default 1), and of data criteria given arrays
             (default 32).

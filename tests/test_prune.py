@@ -251,3 +251,21 @@ def test_plan_macs_equals_the_profile_of_the_pruned_model(family):
     plan = random_plan(graph, 0.5, seed=4)
     assert plan_macs(graph, {}) == profile(model).macs
     assert plan_macs(graph, plan) == profile(kprune.apply_plan(model, plan, graph)).macs
+
+
+@pytest.mark.parametrize("verbose", [0, 1, 2])
+def test_flops_target_search_shows_progress_only_when_verbose(verbose, capsys):
+    model = _wide_resnet()
+    quiet = kprune.prune(model, flops_target=0.5)
+    small = kprune.prune(model, flops_target=0.5, verbose=verbose)
+    out = capsys.readouterr().out
+    assert [l.get_config() for l in small.layers] == [l.get_config() for l in quiet.layers]
+    if verbose == 0:
+        assert out == ""
+    elif verbose == 1:  # one bar over the bisection, then the plan
+        assert "searching the ratio for the MACs target" in out and "step" in out
+        assert "kept:" in out and "keeps" not in out
+        assert "pruning model 'wide_resnet'" in out
+    else:  # every step on a line of its own
+        steps = [line for line in out.splitlines() if " of the MACs" in line]
+        assert len(steps) >= 3 and all(line.startswith("kprune: ratio ") for line in steps)
