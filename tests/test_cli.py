@@ -100,13 +100,50 @@ def test_prune_options_reach_kprune_prune(tmp_path, monkeypatch):
             "fpgm", "--scope", "global", "--round-to", "8", "--exclude", "conv1",
             "--exclude", "Dense"]
     assert main(argv) == 0
-    assert seen == dict(ratio=0.25, flops_target=None, criterion="fpgm", scope="global",
-                        round_to=8, exclude=("conv1", "Dense"))
+    assert seen == dict(ratio=0.25, flops_target=None, params_target=None, latency_target=None,
+                        runtime="keras", batch_size=None, threads=None, criterion="fpgm",
+                        scope="global", round_to=8, exclude=("conv1", "Dense"), verbose=0)
+
+
+def test_latency_target_options_reach_kprune_prune(tmp_path, monkeypatch):
+    seen = {}
+
+    def fake_prune(model, **kwargs):
+        seen.update(kwargs)
+        return model
+
+    monkeypatch.setattr(kprune, "prune", fake_prune)
+    path = _saved(archs.vgg(), tmp_path)
+    argv = ["prune", path, "-o", str(tmp_path / "o.keras"), "--latency-target", "0.6",
+            "--runtime", "tflite", "--batch-size", "4", "--threads", "2"]
+    assert main(argv) == 0
+    assert (seen["latency_target"], seen["runtime"], seen["batch_size"], seen["threads"],
+            seen["verbose"]) == (0.6, "tflite", 4, 2, 1)
+    assert seen["flops_target"] is seen["params_target"] is seen["ratio"] is None
+
+
+def test_prune_to_a_params_target(tmp_path, capsys):
+    model = archs.vgg()
+    out = str(tmp_path / "small.keras")
+    assert main(["prune", _saved(model, tmp_path), "-o", out, "--params-target", "0.4"]) == 0
+    assert out in capsys.readouterr().out
+    small = keras.saving.load_model(out)
+    assert 0.3 <= small.count_params() / model.count_params() <= 0.4
+
+
+def test_bad_runtime_is_refused(tmp_path, capsys):
+    path = _saved(archs.vgg(), tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["prune", path, "-o", str(tmp_path / "o.keras"), "--latency-target", "0.5",
+              "--runtime", "onnx"])
+    assert exit_info.value.code == 2
+    assert "invalid choice" in capsys.readouterr().err
 
 
 def test_prune_needs_exactly_one_target(tmp_path, capsys):
     path = _saved(archs.vgg(), tmp_path)
-    for extra in ([], ["--ratio", "0.3", "--flops-target", "0.5"]):
+    for extra in ([], ["--ratio", "0.3", "--flops-target", "0.5"],
+                  ["--params-target", "0.3", "--latency-target", "0.5"]):
         with pytest.raises(SystemExit) as exit_info:
             main(["prune", path, "-o", str(tmp_path / "o.keras")] + extra)
         assert exit_info.value.code == 2

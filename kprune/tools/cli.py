@@ -107,9 +107,12 @@ def _prune(args) -> None:
 
     _check_image_path(args.report, "--report")
     model = load_model(args.model)
+    timing = args.latency_target is not None
     small = kprune.prune(model, ratio=args.ratio, flops_target=args.flops_target,
+                         params_target=args.params_target, latency_target=args.latency_target,
+                         runtime=args.runtime, batch_size=args.batch_size, threads=args.threads,
                          criterion=args.criterion, scope=args.scope, round_to=args.round_to,
-                         exclude=tuple(args.exclude))
+                         exclude=tuple(args.exclude), verbose=int(timing))
     _save(small, args.output)
     before, after = profile(model), profile(small)
     print(f"{args.output}: MACs {format_count(before.macs)} -> {format_count(after.macs)} "
@@ -229,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(needs matplotlib: pip install kprune[plot])")
     p.set_defaults(run=_profile)
 
-    p = sub.add_parser("prune", help="remove channels to a MACs target or ratio",
+    p = sub.add_parser("prune", help="remove channels to a MACs, parameter or latency target, or a ratio",
                        description="Score channels, remove the weakest for real and save the "
                                    "smaller model (kprune.prune).")
     p.add_argument("model", metavar="IN", help="the .keras model to prune")
@@ -240,6 +243,17 @@ def build_parser() -> argparse.ArgumentParser:
                         help="share of the original MACs to keep, e.g. 0.5")
     target.add_argument("--ratio", type=float, metavar="R",
                         help="share of channels to remove, e.g. 0.3")
+    target.add_argument("--params-target", type=float, metavar="P",
+                        help="share of the original parameters to keep, e.g. 0.5")
+    target.add_argument("--latency-target", type=float, metavar="T",
+                        help="share of the original latency to keep, measured on --runtime "
+                             "at --batch-size and --threads, e.g. 0.5")
+    p.add_argument("--runtime", choices=("keras", "tflite"), default="keras",
+                   help="where --latency-target is timed (default: keras)")
+    p.add_argument("--batch-size", type=int, default=None, metavar="B",
+                   help="batch size --latency-target is timed at (default: 1)")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="threads --latency-target is timed with (default: the runtime's)")
     p.add_argument("--criterion", default="l1",
                    help="channel importance: l1, l2, fpgm, bn_scale, orthogonality, random "
                         "(default: l1)")
