@@ -22,8 +22,9 @@ cosine learning rates (the helpers of `bench/accuracy_digits.py` and
   gammas instead of plain training, the global |gamma| threshold whose plan
   meets the MACs target (bisection on `percent`), `--epochs` of fine-tuning;
 * SFP: the base model, 3/4 of `--epochs` with `SoftFilterPruning` at the
-  per-group ratio that meets the target (`uniform_ratio`), `finalize`, the
-  last 1/4 as plain fine-tuning;
+  per-group ratio that meets the target (`uniform_ratio`), `finalize` with
+  the BatchNormalization statistics re-estimated on the training set
+  (`finalize(data=x)`), the last 1/4 as plain fine-tuning;
 * AGP (channel mode): the base model, `--epochs` with the cubic schedule
   reaching its final sparsity (the same ratio) at 60% of them, masks held
   to the end, `finalize`.
@@ -252,7 +253,7 @@ def run_split(args, data, new_model, seed: int, targets) -> dict:
         soft = max(int(round(0.75 * args.epochs)), 1)
         sfp = SoftFilterPruning(ratio)
         train(model, data, soft, args.ft_lr, args.batch_size, callbacks=[sfp])
-        pruned = sfp.finalize()
+        pruned = sfp.finalize(data=x, batch_size=args.batch_size)  # statistics re-estimated
         after = accuracy(pruned, data)
         if args.epochs - soft > 0:
             train(pruned, data, args.epochs - soft, args.ft_lr / 4, args.batch_size)

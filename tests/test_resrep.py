@@ -234,6 +234,30 @@ def test_scheduler_masks_weakest_channels_first_and_respects_granularity():
     assert counts == [4, 6, 8, 10]
 
 
+def test_shared_channels_are_scored_on_the_same_scale_as_single_ones():
+    # A residual stream's channel is read by one compactor per producer; fresh
+    # (identity) compactors must not rank it sqrt(k) times stronger than an
+    # inner channel, or the stream is never pruned and the inner layers are
+    # cut alone (measured on MNIST-1D at 25% of the MACs: 88.6% accuracy with
+    # the summed norm, 95.3% with this root mean square).
+    rr = resrep.attach(archs.resnet_basic())
+    layout = resrep._Layout(rr)
+    shared = [(gid, members) for gid, members in layout.sets if len(members) > 1]
+    assert shared, "the model has no shared compactor set"
+    for gid, score in layout.scores().items():
+        np.testing.assert_allclose(score, 1.0, rtol=1e-6)
+    gid, members = shared[0]
+    rng = np.random.default_rng(0)
+    total = np.zeros(layout.graph.groups[gid].size)
+    count = np.zeros_like(total)
+    for layer, channels in members:
+        kernel = rng.normal(size=tuple(layer.kernel.shape)).astype("float32")
+        layer.kernel.assign(kernel)
+        np.add.at(total, channels, np.sum(kernel.astype("float64") ** 2, axis=0))
+        np.add.at(count, channels, 1)
+    np.testing.assert_allclose(layout.scores()[gid], np.sqrt(total / count), rtol=1e-6)
+
+
 def test_scheduler_warmup_and_interval_in_fit():
     rr = resrep.attach(archs.vgg())
     rr.compile(optimizer=keras.optimizers.SGD(0.01), loss="mse")

