@@ -47,7 +47,7 @@ import tempfile
 import time
 import types
 import warnings
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import keras
 import numpy as np
@@ -849,10 +849,14 @@ class LatencyModel:
 
     def _point(self, timed, index):
         """(layer, input shapes, output shapes, dtypes) of `timed` at grid `index`."""
-        call, g = timed.call, self.graph
         drop = {}
         for d, i in enumerate(index):
             drop.update(timed.drops[d][i])
+        return self._at(timed.call, drop)
+
+    def _at(self, call, drop: dict):
+        """(layer, input shapes, output shapes, dtypes) of `call` at the widths `drop` leaves."""
+        g = self.graph
         keep_in = [g.keep_mask(t, drop) for t in call.inputs]
         keep_out = [g.keep_mask(t, drop) for t in call.outputs]
         keep_inner = g.inner_keep(call.layer, drop)
@@ -929,6 +933,94 @@ class LatencyModel:
     def ratio(self, plan: dict | None = None) -> float:
         """`predict(plan) / base`."""
         return self.predict(plan) / self.base
+
+    def group_seconds(self, gid: int, plans: Sequence[dict]) -> list:
+        """Seconds of the timed calls group `gid` touches, at each plan's exact widths.
+
+        Unlike `predict`, nothing is interpolated: every call that reads or
+        writes the group's channels is timed (or read from the table) at
+        the widths each plan leaves, all of them in one interleaved fill, so
+        the plans compare on the same load. This is where latency steps
+        show: runtimes tile channels (XNNPACK, oneDNN), and a layer a few
+        channels wider can take no longer, or even less.
+
+        Args:
+            gid: A group id of `graph`.
+            plans: Plans `{group id: channels to drop}`.
+
+        Returns:
+            One sum of seconds per plan.
+
+        Example:
+
+        >>> narrow, wide = lm.group_seconds(gid, [plan, {**plan, gid: plan[gid][:-8]}])
+        """
+        calls = [c for c in self.calls if any(gid in d for d in c.dims)]
+        items, owners = [], []
+        for i, plan in enumerate(plans):
+            drop = drop_masks(self.graph, plan) if plan else {}
+            for c in calls:
+                layer, ins, outs, dtypes = self._at(c.call, drop)
+                items.append((layer, ins, outs, c.call, dtypes))
+                owners.append(i)
+        seconds = self.table.fill(items) if items else []
+        out = [0.0] * len(plans)
+        for i, value in zip(owners, seconds):
+            out[i] += value
+        return out
+
+    def snap(self, plan: dict, scores: Mapping, step: int = 8, span: int = 32,
+             tolerance: float = 0.02, verbose: int = 0) -> dict:
+        """`plan` with every group widened to the top of its latency step.
+
+        For each group the plan narrows to `k` channels, the widths above
+        `k` that are multiples of `step`, up to the next multiple of `span`
+        (and the full width when that is within it), are timed with
+        `group_seconds`; the group keeps the widest whose seconds are at
+        most `(1 + tolerance)` times those at `k`. The channels given back
+        are the dropped ones with the highest `scores`. Groups are snapped
+        one after another, each on the plan the earlier ones left. Groups of
+        grouped convolutions (whose removals must stay even per block) are
+        left as they are.
+
+        Args:
+            plan: `{group id: channels to drop}`.
+            scores: `{group id: per-channel importance}` (higher is kept first).
+            step: Widths tried are multiples of this.
+            span: How far above `k` to look: up to the next multiple of `span`.
+            tolerance: Share of the group's seconds a wider choice may add
+                (timing noise).
+            verbose: 1 shows a progress bar over the groups.
+
+        Returns:
+            A new plan that drops no more channels than `plan` in any group.
+
+        Example:
+
+        >>> wider = lm.snap(prune_plan(model, latency_target=0.5), scores)
+        """
+        for name, value in (("step", step), ("span", span)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise KprunError(f"snap: `{name}` must be an int >= 1, got {value!r}.")
+        out = {gid: list(ch) for gid, ch in plan.items()}
+        bar = keras.utils.Progbar(len(plan), unit_name="group") if verbose else None
+        for gid in sorted(plan):
+            size, dropped = self._sizes[gid], list(out[gid])
+            kept = size - len(dropped)
+            top = min(size, -(-(kept + 1) // span) * span)
+            widths = [w for w in range(kept + 1, top + 1) if w % step == 0 or w == size]
+            if widths and dropped and gid in scores and not self.graph.groups[gid].partitions:
+                order = sorted(dropped, key=lambda c: -float(scores[gid][c]))
+                trials = [{**out, gid: sorted(order[w - kept:])} for w in widths]
+                seconds = self.group_seconds(gid, [out] + trials)
+                best = [i for i, t in enumerate(seconds[1:]) if t <= seconds[0] * (1 + tolerance)]
+                if best:
+                    out[gid] = trials[best[-1]][gid]
+            if not out[gid]:
+                del out[gid]
+            if bar is not None:
+                bar.add(1)
+        return out
 
     def _time(self, models: list) -> list:
         """`measure_interleaved(models)`, keeping the original's prepared runner for next time."""

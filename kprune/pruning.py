@@ -534,6 +534,11 @@ def _prepare(model, ratio, flops_target, criterion, scope, data, exclude, round_
     if crit.needs_data and data is None:
         raise KprunError(f"Criterion '{crit.name}' scores activations: pass `data` "
                          "(inputs, (x, y) or batches).")
+    if round_to == "latency":
+        if latency_target is None:
+            raise KprunError("round_to='latency' widens groups to the top of their measured "
+                             "latency steps: use it with `latency_target`.")
+        round_to = 1
     pruners.check_guards(max_ratio, min_channels, round_to)
     entries = pruners.check_exclude(exclude)
     configs = parse_config_list(config_list) if config_list is not None else None
@@ -571,7 +576,7 @@ def prune_plan(model: keras.Model, **kwargs) -> dict:
 def prune(model: keras.Model, *, ratio: float | None = None, flops_target: float | None = None,
           params_target: float | None = None, latency_target: float | None = None,
           criterion="l1", scope: str = "local", data=None, loss=None, exclude=(),
-          round_to: int = 1, max_ratio: float = 0.9, min_channels: int = 1,
+          round_to: int | str = 1, max_ratio: float = 0.9, min_channels: int = 1,
           reduce: str = "mean", seed: int | None = None, config_list: Sequence | None = None,
           verbose: int = 0, batch_size: int | None = None, approximate: bool = True,
           runtime: str = "keras", threads: int | None = None) -> keras.Model:
@@ -611,6 +616,11 @@ def prune(model: keras.Model, *, ratio: float | None = None, flops_target: float
         exclude: Layer names, class names or classes: every group touching one
             of them is left whole.
         round_to: Keep a multiple of this many channels per group when possible.
+            With `latency_target`, `"latency"` measures the steps instead: the
+            found plan's groups are widened to the widest width that single-
+            layer timings show costs no more (`LatencyModel.snap`: widths
+            that are multiples of 8 up to the next multiple of 32), and the
+            wider model is kept when it still meets the target end to end.
         max_ratio: Never remove more than this share of a group.
         min_channels: Never keep fewer channels in a group (>= 1).
         reduce: How member scores combine: 'mean', 'sum', 'max', 'min', 'prod'.
@@ -668,7 +678,8 @@ def _run(model, *, ratio=None, flops_target=None, params_target=None, latency_ta
                                             exclude, round_to, max_ratio, min_channels, reduce,
                                             config_list, approximate, params_target,
                                             latency_target, runtime, batch_size, threads)
-    guards = dict(max_ratio=max_ratio, min_channels=min_channels, round_to=round_to)
+    snap = round_to == "latency"
+    guards = dict(max_ratio=max_ratio, min_channels=min_channels, round_to=1 if snap else round_to)
     if configs is not None:
         sparsity = config_ratios(groups, configs)
         groups = [g for g in groups if g.id in sparsity]
@@ -688,12 +699,35 @@ def _run(model, *, ratio=None, flops_target=None, params_target=None, latency_ta
         else:
             cost = (_ParamsCost if params_target is not None else _Cost)(model, graph)
         plan, small = _search(model, graph, groups, scores, target, cost, scope, guards, verbose)
+        if snap and plan:
+            plan, small = _snap(model, graph, cost, plan, small, scores, target, verbose)
     else:
         plan = pruners.make_plan(groups, scores, sparsity if configs is not None else ratio,
                                  scope, **guards)
         small = apply_plan(model, plan, graph) if plan else copy_model(model)
         _warn_shortfall(model, graph, groups, plan, ratio if configs is None else None)
     _report(model, graph, plan, verbose)
+    return plan, small
+
+
+def _snap(model, graph, cost, plan, small, scores, target, verbose):
+    """`round_to="latency"`: widen the found plan's groups to the top of their latency steps.
+
+    The wider model is timed beside the original; should it miss the target
+    (the steps seen on single layers need not add up), the found plan stays.
+    """
+    wider = cost.latency.snap(plan, scores, verbose=verbose)
+    if wider == plan:
+        return plan, small
+    candidate = apply_plan(model, wider, graph) if wider else copy_model(model)
+    measured = cost.measure(candidate)
+    if verbose:
+        kept = sum(len(plan[g]) - len(wider.get(g, ())) for g in plan)
+        print(f"kprune: latency steps give back {kept} channels; the wider model keeps "
+              f"{measured / cost.base:.2%} of the {cost.name}"
+              + ("" if measured <= target * cost.base else " (over the target: not taken)"))
+    if measured <= target * cost.base:
+        return wider, candidate
     return plan, small
 
 

@@ -294,3 +294,92 @@ def test_unreachable_params_target_names_the_blockers():
     model = keras.Model(inp, L.Dense(3)(x))
     with pytest.raises(KprunError, match="cannot reach 10.0% of its parameters: .*Lambda"):
         kprune.prune(model, params_target=0.1)
+
+
+# Latency steps (round_to="latency") ------------------------------------------------
+def _up8(n: int) -> int:
+    return -(-int(n) // 8) * 8
+
+
+def _stepped(model) -> float:
+    """Fake seconds with steps: every Conv2D / Dense costs as if its widths were multiples of 8."""
+    total = 1e-6
+    for layer in model.layers:
+        if isinstance(layer, (L.Conv2D, L.Dense)):
+            cin, cout = int(layer.input.shape[-1]), int(layer.output.shape[-1])
+            spatial = int(np.prod(layer.output.shape[1:-1])) if len(layer.output.shape) > 2 else 1
+            kernel = int(np.prod(layer.kernel_size)) if isinstance(layer, L.Conv2D) else 1
+            total += 1e-9 * spatial * kernel * _up8(cin) * _up8(cout)
+    return total
+
+
+class _SteppedFake(_Fake):
+    def __init__(self, penalise=None):
+        super().__init__()
+        self.penalise = penalise
+
+    def __call__(self, models, *args, **kwargs):
+        return [_stepped(m) + (1.0 if self.penalise and self.penalise(m) else 0.0)
+                for m in models]
+
+
+def _widths(model) -> dict:
+    return {l.name: int(l.output.shape[-1]) for l in model.layers
+            if isinstance(l, (L.Conv2D, L.Dense)) and l.name != "head"}
+
+
+def test_snap_widens_each_group_to_the_top_of_its_step(monkeypatch):
+    monkeypatch.setattr(kl, "measure_interleaved", _SteppedFake())
+    model = _net()
+    graph = DependencyGraph(model)
+    lm = kl.LatencyModel(model, graph=graph, verbose=0)
+    plan = prune_plan(model, ratio=0.45)
+    rng = np.random.default_rng(0)
+    scores = {g.id: rng.uniform(size=g.size) for g in graph.groups}
+    wider = lm.snap(plan, scores)
+    for gid, dropped in plan.items():
+        size = graph.groups[gid].size
+        kept = size - len(dropped)
+        assert size - len(wider.get(gid, ())) == min(size, _up8(kept))
+        back = sorted(set(dropped) - set(wider.get(gid, ())), key=lambda c: -scores[gid][c])
+        best = sorted(dropped, key=lambda c: -scores[gid][c])[:len(back)]
+        assert sorted(back) == sorted(best)  # the strongest dropped channels come back
+    assert _stepped(apply_plan(model, wider)) <= _stepped(apply_plan(model, plan)) * 1.02
+
+
+def test_round_to_latency_keeps_more_channels_at_the_same_target(monkeypatch):
+    monkeypatch.setattr(kl, "measure_interleaved", _SteppedFake())
+    model = _net()
+    plain = kprune.prune(model, latency_target=0.5)
+    snapped = kprune.prune(model, latency_target=0.5, round_to="latency")
+    assert _stepped(snapped) <= 0.5 * _stepped(model)
+    full = _widths(model)
+    for name, width in _widths(snapped).items():
+        assert width % 8 == 0 or width == full[name]
+        assert width >= _widths(plain)[name]
+    assert sum(_widths(snapped).values()) > sum(_widths(plain).values())
+
+
+def test_round_to_latency_keeps_the_found_plan_when_the_wider_model_is_slower(monkeypatch):
+    model = _net()
+    full = _widths(model)
+
+    def on_steps(m):  # a whole pruned model with every width on a step runs slow
+        widths = _widths(m)
+        return len(m.layers) > 2 and widths != full and all(w % 8 == 0 for w in widths.values())
+
+    monkeypatch.setattr(kl, "measure_interleaved", _SteppedFake(penalise=on_steps))
+    snapped = kprune.prune(model, latency_target=0.5, round_to="latency")
+    assert not on_steps(snapped)
+    assert _stepped(snapped) <= 0.5 * _stepped(model)
+
+
+def test_round_to_latency_needs_a_latency_target():
+    with pytest.raises(KprunError, match="round_to='latency'.*latency_target"):
+        kprune.prune(_net(), flops_target=0.5, round_to="latency")
+
+
+def test_snap_refuses_bad_steps(fake):
+    lm = kl.LatencyModel(_net(), verbose=0)
+    with pytest.raises(KprunError, match="`step` must be an int >= 1"):
+        lm.snap({}, {}, step=0)
