@@ -11,7 +11,9 @@ cosine learning rates (the helpers of `bench/accuracy_digits.py` and
   training), `kprune.prune(flops_target=..., criterion="l1" | "taylor")`
   (local scope, the same share of every group), then `--epochs` of
   fine-tuning; global L1: the same with `scope="global"`;
-* ResRep: the base model, `--epochs` of ResRep, `convert`, no fine-tuning.
+* ResRep: the base model, `--epochs` of ResRep, `convert`, no fine-tuning;
+  "ResRep" ranks every channel against all others (the paper's
+  `MaskScheduler(scope="global")`), "ResRep (local)" within its group.
   The schedule follows the budget as the paper does (warm-up, then masks
   every `interval` steps): warm-up `--resrep-warmup` of the ResRep steps,
   and `interval` / `granularity` chosen from the channels a global plan
@@ -84,7 +86,7 @@ from kprune.tools import datasets  # noqa: E402
 from kprune.train.masking import uniform_ratio  # noqa: E402
 
 METHODS = ["unpruned", "L1 one-shot + FT", "Taylor one-shot + FT", "global L1 + FT", "ResRep",
-           "Network Slimming", "SFP", "AGP"]
+           "ResRep (local)", "Network Slimming", "SFP", "AGP"]
 
 
 # ---------------------------------------------------------------------------
@@ -155,7 +157,7 @@ def slimming_to(model, target: float):
     return apply_plan(model, plan, graph), hi
 
 
-def resrep(args, base, data, target: float, steps_per_epoch: int) -> tuple:
+def resrep(args, base, data, target: float, steps_per_epoch: int, scope: str = "global") -> tuple:
     """ResRep scheduled on the budget; returns (converted model, step the target was met)."""
     total = args.epochs * steps_per_epoch
     warmup = max(int(args.resrep_warmup * total), 1)
@@ -167,7 +169,7 @@ def resrep(args, base, data, target: float, steps_per_epoch: int) -> tuple:
     interval = max(int((reach - warmup) * granularity / needed), 1)
     rr = kprune.resrep.attach(base, lam=args.lam)
     scheduler = kprune.resrep.MaskScheduler(target, warmup_steps=warmup, interval=interval,
-                                            granularity=granularity)
+                                            granularity=granularity, scope=scope)
     met = {}
 
     class Reached(keras.callbacks.Callback):
@@ -232,13 +234,14 @@ def run_split(args, data, new_model, seed: int, targets) -> dict:
             record(name, target, pruned, after)
             timed(f"{name} {target:.0%}")
 
-        keras.utils.set_random_seed(seed)
-        small, reached = resrep(args, copy_model(base), data, target, spe)
-        acc = accuracy(small, data)
-        out[("ResRep", target)] = (acc, acc, kprune.profile(small).macs,
+        for name, scope in (("ResRep", "global"), ("ResRep (local)", "local")):
+            keras.utils.set_random_seed(seed)
+            small, reached = resrep(args, copy_model(base), data, target, spe, scope)
+            acc = accuracy(small, data)
+            out[(name, target)] = (acc, acc, kprune.profile(small).macs,
                                    kprune.profile(small).params)
-        out[("ResRep reach", target)] = reached
-        timed(f"ResRep {target:.0%} (target met at {reached:.0%} of its steps)")
+            out[(f"{name} reach", target)] = reached
+            timed(f"{name} {target:.0%} (target met at {reached:.0%} of its steps)")
 
         keras.utils.set_random_seed(seed)
         slim, percent = slimming_to(sparse, target)
@@ -284,14 +287,16 @@ def summarise(results: list, targets) -> list:
             values = [r[(name, target)] for r in results]
             after = [v[0] for v in values if v[0] is not None]
             final = np.array([v[1] for v in values])
-            reach = [r[("ResRep reach", target)] for r in results] if name == "ResRep" else []
+            reach = [r[(f"{name} reach", target)] for r in results] \
+                if name.startswith("ResRep") else []
             rows.append(dict(
                 method=name, target=target,
                 after=(np.mean(after), np.ptp(after)) if after else None,
                 final=(final.mean(), np.ptp(final)),
                 macs=np.mean([v[2] for v in values]) / base_macs,
                 params=int(np.mean([v[3] for v in values])),
-                reach=np.mean(reach) if reach else None))
+                reach=np.mean(reach) if reach else None,
+                seeds=[float(v) for v in final]))
     return rows
 
 
@@ -305,8 +310,9 @@ def print_table(rows) -> None:
         after = "-" if r["after"] is None else f"{r['after'][0]:.2%} ± {r['after'][1]:.2%}"
         final = f"{r['final'][0]:.2%} ± {r['final'][1]:.2%}"
         note = "" if r["reach"] is None else f"  (target met at {r['reach']:.0%} of its steps)"
+        runs = "  runs: " + " ".join(f"{v:.2%}" for v in r["seeds"]) if len(r["seeds"]) > 1 else ""
         print(f"{r['method']:<22}{target:>7}{after:>20}{final:>18}{r['macs']:>12.1%}"
-              f"{r['params']:>9,}{note}")
+              f"{r['params']:>9,}{runs}{note}")
 
 
 def plot(rows, path: str, title: str) -> None:

@@ -21,6 +21,11 @@ Usage:
     python bench/latency_target.py                  # 224x224, both models (long on 2 cores)
     python bench/latency_target.py --quick          # 96x96, 2 rounds: a check that it works
     python bench/latency_target.py --models MobileNetV2 --targets 0.5 --runtimes tflite
+    python bench/latency_target.py --quick --steps  # also round_to="latency" beside each
+
+With `--steps`, each latency target is also pruned with `round_to="latency"`
+(every group widened to the top of its measured latency step) and a line per
+target compares its MACs and measured latency with the plain latency target.
 """
 
 from __future__ import annotations
@@ -89,6 +94,13 @@ def bench_model(name: str, args) -> tuple:
                 print(f"  {name}: latency_target={t} on {runtime} "
                       f"({time.perf_counter() - t0:.1f}s)", flush=True)
                 variants.append(("latency_target", t, plan, kprune.apply_plan(model, plan)))
+                if args.steps:
+                    t0 = time.perf_counter()
+                    wide = prune_plan(model, latency_target=t, runtime=runtime, batch_size=BATCH,
+                                      threads=args.threads, criterion="l1", round_to="latency")
+                    print(f"  {name}: latency_target={t}, round_to='latency' on {runtime} "
+                          f"({time.perf_counter() - t0:.1f}s)", flush=True)
+                    variants.append(("latency+steps", t, wide, kprune.apply_plan(model, wide)))
             variants.append(("flops_target", t) + flops[t])
         t0 = time.perf_counter()
         runners = runners_for(runtime, [model] + [v[3] for v in variants], args.threads)
@@ -125,13 +137,22 @@ def print_table(rows: list, tables: list, args) -> None:
         print(f"{r['model']:<13}{r['runtime']:<8}{r['target']:>7.2f}  {r['method']:<15}"
               f"{r['macs_ratio']:>7.3f}{r['params_ratio']:>8.3f}{r['predicted']:>11.3f}"
               f"{r['measured']:>10.3f}{r['error']:>+8.1%}")
-    lat = [r for r in rows if r["method"] == "latency_target"]
+    lat = [r for r in rows if r["method"] != "flops_target"]
     if lat:
         errors = np.abs([r["error"] for r in rows])
         met = sum(r["measured"] <= r["target"] for r in lat)
+        close = sum(r["target"] - 0.05 <= r["measured"] <= r["target"] for r in lat)
         print(f"\nPrediction error |predicted / measured - 1|: median {np.median(errors):.1%}, "
-              f"max {errors.max():.1%} over {len(rows)} pruned models; latency_target met "
-              f"in this run's timing by {met} of {len(lat)}.")
+              f"max {errors.max():.1%} over {len(rows)} pruned models; latency targets met "
+              f"in this run's timing by {met} of {len(lat)}, within 0.05 under the target by "
+              f"{close}.")
+    for r in [r for r in rows if r["method"] == "latency+steps"]:
+        same = next(q for q in rows if q["method"] == "latency_target" and
+                    (q["model"], q["runtime"], q["target"]) == (r["model"], r["runtime"],
+                                                                r["target"]))
+        print(f"  steps: {r['model']} {r['runtime']} {r['target']:.2f}: MACs "
+              f"{same['macs_ratio']:.3f} -> {r['macs_ratio']:.3f}, measured latency "
+              f"{same['measured']:.3f} -> {r['measured']:.3f}")
     bases = {(r["model"], r["runtime"]): r["base_s"] for r in rows}
     print("Originals (median seconds per call): " + ", ".join(
         f"{m} {rt} {s * 1e3:.2f} ms" for (m, rt), s in bases.items()))
@@ -152,6 +173,8 @@ def main(argv=None) -> list:
                         help="per-layer table cache (default: kprune's, ~/.cache/kprune/latency)")
     parser.add_argument("--verbose", type=int, default=0, help="1: progress bar per table")
     parser.add_argument("--json", help="also write the rows to this file")
+    parser.add_argument("--steps", action="store_true",
+                        help="also prune with round_to='latency' (widths at latency steps)")
     args = parser.parse_args(argv)
     if args.quick:
         args.size, args.repeats, args.warmup = 96, 2, 1

@@ -258,6 +258,28 @@ def test_shared_channels_are_scored_on_the_same_scale_as_single_ones():
     np.testing.assert_allclose(layout.scores()[gid], np.sqrt(total / count), rtol=1e-6)
 
 
+def test_local_scope_masks_the_same_share_of_every_group_weakest_first():
+    rr = resrep.attach(archs.vgg())
+    randomize(rr, seed=4)
+    rng = np.random.default_rng(1)
+    for layer in resrep.compactors(rr):
+        layer.kernel.assign(rng.normal(size=tuple(layer.kernel.shape)).astype("float32"))
+    scheduler = _scheduler(rr, flops_target=0.5, granularity=10_000, scope="local")
+    drop = scheduler.update()
+    layout = resrep._Layout(rr)
+    scores = layout.scores()
+    shares = {gid: masked.sum() / len(masked) for gid, masked in drop.items()}
+    widest = max(1.0 / len(m) for m in drop.values())
+    assert max(shares.values()) - min(shares.values()) <= widest + 1e-9
+    assert min(shares.values()) > 0
+    for gid, masked in drop.items():  # within a group, the weakest norms go
+        if masked.any() and not masked.all():
+            assert scores[gid][masked].max() <= scores[gid][~masked].min()
+    assert resrep.converted_macs(rr) <= 0.5 * resrep.original_macs(rr)
+    with pytest.raises(KprunError, match="`scope` must be 'global' or 'local'"):
+        resrep.MaskScheduler(0.5, scope="uniform")
+
+
 def test_scheduler_warmup_and_interval_in_fit():
     rr = resrep.attach(archs.vgg())
     rr.compile(optimizer=keras.optimizers.SGD(0.01), loss="mse")
