@@ -87,14 +87,20 @@ def test_prune_to_a_flops_target(tmp_path, capsys):
     assert small.count_params() < model.count_params()
 
 
-def test_prune_options_reach_kprune_prune(tmp_path, monkeypatch):
-    seen = {}
+@pytest.fixture
+def seen(monkeypatch):
+    """The keyword arguments the CLI hands to `kprune.prune` (which returns the model as is)."""
+    kwargs_seen = {}
 
     def fake_prune(model, **kwargs):
-        seen.update(kwargs)
+        kwargs_seen.update(kwargs)
         return model
 
     monkeypatch.setattr(kprune, "prune", fake_prune)
+    return kwargs_seen
+
+
+def test_prune_options_reach_kprune_prune(tmp_path, seen):
     path = _saved(archs.vgg(), tmp_path)
     argv = ["prune", path, "-o", str(tmp_path / "o.keras"), "--ratio", "0.25", "--criterion",
             "fpgm", "--scope", "global", "--round-to", "8", "--exclude", "conv1",
@@ -105,14 +111,7 @@ def test_prune_options_reach_kprune_prune(tmp_path, monkeypatch):
                         scope="global", round_to=8, exclude=("conv1", "Dense"), verbose=0)
 
 
-def test_latency_target_options_reach_kprune_prune(tmp_path, monkeypatch):
-    seen = {}
-
-    def fake_prune(model, **kwargs):
-        seen.update(kwargs)
-        return model
-
-    monkeypatch.setattr(kprune, "prune", fake_prune)
+def test_latency_target_options_reach_kprune_prune(tmp_path, seen):
     path = _saved(archs.vgg(), tmp_path)
     argv = ["prune", path, "-o", str(tmp_path / "o.keras"), "--latency-target", "0.6",
             "--runtime", "tflite", "--batch-size", "4", "--threads", "2"]
