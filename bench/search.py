@@ -1,7 +1,7 @@
-"""NetAdapt against a measured-latency budget, beside uniform and global L1, on digits.
+"""Searches against a measured-latency budget, beside uniform and global L1, on digits.
 
 Offline (scikit-learn's bundled digits, 8x8 upsampled to `--image-size` RGB,
-normalised; 15% of the training split held out for the search's evaluator),
+normalised; 15% of the training split held out for the searches' evaluator),
 on two trained models:
 
 * `resnet20`: the CIFAR ResNet-20 of `kprune.models.cifar_resnet`;
@@ -13,33 +13,44 @@ on two trained models:
 Each model is trained `--base-epochs` (SGD, momentum 0.9, weight decay 1e-4,
 cosine learning rate: `bench/accuracy_digits.py`'s `train`), then pruned to
 keep `--target` of its measured latency (runtime Keras, a `tf.function`,
-batch `--batch`, `--threads` threads) by three methods, each followed by the
-same `--ft-epochs` of fine-tuning:
+batch `--batch`, `--threads` threads) by each method, each followed by the
+same `--ft-epochs` of fine-tuning (the searches' `long_finetune`):
 
 * NetAdapt: `kprune.search.netadapt(model, evaluate, kprune.search.latency(
   target, ...), finetune=..., long_finetune=..., step=--step)`; `evaluate`
   is the held-out accuracy, `finetune` runs `--short-steps` eager SGD steps
-  on each proposal (0: none), `long_finetune` is the common fine-tune;
+  on each candidate (0: none) in every search;
+* annealing: `kprune.search.simulated_annealing` (temperatures `--sa-start`
+  to `--sa-stop`, cool-down `--sa-rate`, in units of accuracy);
+* AutoCompress: `kprune.autocompress` (`--ac-iterations` iterations, each an
+  annealing walk at `--ac-sa-rate`, then `--admm-iterations` x
+  `--admm-epochs` ADMM epochs at `--rho`; its ADMM epochs are training the
+  other methods do not get);
+* AMC: `kprune.search.amc` (`--episodes`, `--amc-warmup` of them random);
 * uniform L1: `kprune.prune(model, latency_target=target, criterion="l1")`,
   the same share of every group;
 * global L1: the same with `scope="global"`, one ranking over all groups.
 
 Where `kprune.prune(latency_target=...)` is missing or finds the target out
-of reach on its measurements, the L1 baseline takes `flops_target` equal to
-NetAdapt's MACs share instead; the table marks it with `*`.
+of reach on its measurements, the L1 baselines take `flops_target` equal to
+the first search's MACs share instead; the table marks it with `*`.
 
-The table gives, per model and method, the test accuracy (mean over
-`--seeds`, and the spread), the MACs ratio (`kprune.profile`), the latency
-ratio measured at the end for every model of a seed in alternating rounds
-(`kprune.latency.measure_interleaved`, so load changes touch all alike), the
-share NetAdapt itself measured, and the wall time of the search (NetAdapt
-without its long fine-tune, which every method gets; `prune` for L1).
+The table gives, per model and method, the test accuracy over `--seeds`
+(mean, sample standard deviation and range), the MACs ratio
+(`kprune.profile`), the latency ratio measured at the end for every model of
+a seed in alternating rounds (`kprune.latency.measure_interleaved`, so load
+changes touch all alike; mean and std), the share the search itself
+measured, and the wall time of the search (without the long fine-tune,
+which every method gets; `prune` for L1). A last line compares NetAdapt with
+uniform L1: the difference of mean accuracy, the larger of their seed
+standard deviations, the per-seed differences, and whether NetAdapt is
+ahead by more than that spread.
 
 Usage:
 
-    python bench/search.py --quick          # one seed, short schedules: ~6 CPU-minutes on 2 cores
-    python bench/search.py                  # both models, 2 seeds, short fine-tunes in the search
-    python bench/search.py --models resnet20 --seeds 0 1 2 --step 0.05 --short-steps 20
+    python bench/search.py --quick          # ResNet-20, 3 seeds, short schedules
+    python bench/search.py                  # both models, 3 seeds
+    python bench/search.py --models resnet20 --seeds 0 1 2 3 4 --methods NetAdapt "uniform L1"
 """
 
 from __future__ import annotations
@@ -66,7 +77,8 @@ from kprune.models import cifar_resnet  # noqa: E402
 from kprune.tools.datasets import digits  # noqa: E402
 
 L = keras.layers
-METHODS = ("NetAdapt", "uniform L1", "global L1")
+SEARCHES = ("NetAdapt", "annealing", "AutoCompress", "AMC")
+METHODS = SEARCHES + ("uniform L1", "global L1")
 
 
 def mobilenet_v2_style(input_shape, num_classes: int = 10, width: int = 16) -> keras.Model:
@@ -138,7 +150,7 @@ def run_seed(args, name: str, seed: int) -> dict:
           f"({time.perf_counter() - t0:.0f}s), test accuracy {eager_accuracy(base, xt, yt):.2%}",
           flush=True)
     rng = np.random.default_rng(seed)
-    timing = dict(runtime="keras", batch_size=args.batch, threads=args.threads)
+    timing = {"runtime": "keras", "batch_size": args.batch, "threads": args.threads}
 
     def fine_tune(model, epochs):
         train(model, ((x, y), None), epochs, args.ft_lr, args.batch_size)
@@ -159,23 +171,52 @@ def run_seed(args, name: str, seed: int) -> dict:
         fine_tune(model, args.ft_epochs)
         long_seconds.append(time.perf_counter() - t)
 
-    t0 = time.perf_counter()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", kprune.KprunWarning)
-        result = kprune.search.netadapt(
-            base, lambda m: eager_accuracy(m, xv, yv),
-            kprune.search.latency(args.target, cache_dir=args.cache_dir, runs=args.runs,
-                                  warmup=args.warmup, **timing),
-            finetune=short_finetune if args.short_steps else None, long_finetune=long_finetune,
-            step=args.step, verbose=args.verbose, time_limit=args.time_limit)
-    searched = time.perf_counter() - t0 - sum(long_seconds)
-    print(f"  {name} seed {seed}: NetAdapt {len(result.history)} trials, {searched:.0f}s, "
-          f"measured {result.budget:.3f} of the latency"
-          + (f" (stopped: {result.reason})" if result.stopped else ""), flush=True)
-    models = {"NetAdapt": (result.model, searched, result.budget)}
-    macs_share = kprune.profile(result.model).macs / kprune.profile(base).macs
-    notes = {}
+    def budget():
+        return kprune.search.latency(args.target, cache_dir=args.cache_dir, runs=args.runs,
+                                     warmup=args.warmup, **timing)
+
+    common = {"finetune": short_finetune if args.short_steps else None,
+              "long_finetune": long_finetune, "verbose": args.verbose,
+              "time_limit": args.time_limit}
+    anneal = {"start_temperature": args.sa_start, "stop_temperature": args.sa_stop,
+              "cool_down_rate": args.sa_rate, "perturbation_magnitude": args.sa_magnitude}
+    searches = {
+        "NetAdapt": lambda: kprune.search.netadapt(
+            base, lambda m: eager_accuracy(m, xv, yv), budget(), step=args.step, **common),
+        "annealing": lambda: kprune.search.simulated_annealing(
+            base, lambda m: eager_accuracy(m, xv, yv), budget(), **anneal, seed=seed, **common),
+        "AutoCompress": lambda: kprune.autocompress(
+            base, lambda m: eager_accuracy(m, xv, yv), budget(), (x, y), loss=LOSS,
+            optimizer=lambda: keras.optimizers.SGD(args.ft_lr, momentum=0.9),
+            batch_size=args.batch_size, num_iterations=args.ac_iterations,
+            admm_num_iterations=args.admm_iterations, admm_training_epochs=args.admm_epochs,
+            rho=args.rho, **{**anneal, "cool_down_rate": args.ac_sa_rate}, seed=seed, **common),
+        "AMC": lambda: kprune.search.amc(
+            base, lambda m: eager_accuracy(m, xv, yv), budget(), episodes=args.episodes,
+            warmup=args.amc_warmup, seed=seed, **common),
+    }
+    models, notes = {}, {}
+    for method in args.methods:
+        if method not in searches:
+            continue
+        long_seconds.clear()
+        t0 = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", kprune.KprunWarning)
+            result = searches[method]()
+        searched = time.perf_counter() - t0 - sum(long_seconds)
+        if not long_seconds:  # stopped, or the budget not met: the common fine-tune anyway
+            fine_tune(result.model, args.ft_epochs)
+        models[method] = (result.model, searched, result.budget)
+        print(f"  {name} seed {seed}: {method} {len(result.history)} trials, {searched:.0f}s, "
+              f"measured {result.budget:.3f} of the latency"
+              + (f" (stopped: {result.reason})" if result.stopped else ""), flush=True)
+    ref = next((models[m][0] for m in SEARCHES if m in models), None)
+    macs_share = (kprune.profile(ref).macs / kprune.profile(base).macs) if ref is not None \
+        else args.target
     for method, scope in (("uniform L1", "local"), ("global L1", "global")):
+        if method not in args.methods:
+            continue
         t0 = time.perf_counter()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", kprune.KprunWarning)
@@ -184,7 +225,7 @@ def run_seed(args, name: str, seed: int) -> dict:
                 try:
                     small = kprune.prune(base, latency_target=args.target, criterion="l1",
                                          scope=scope, verbose=0, **timing)
-                except kprune.KprunError as exc:  # measured out of reach: match NetAdapt's MACs
+                except kprune.KprunError as exc:  # measured out of reach: match a search's MACs
                     notes[method] = str(exc).split(". `")[0].split(": ", 1)[-1]
             else:
                 notes[method] = "no latency_target in kprune.prune"
@@ -194,50 +235,76 @@ def run_seed(args, name: str, seed: int) -> dict:
         fine_tune(small, args.ft_epochs)
         models[method] = (small, spent, None)
         print(f"  {name} seed {seed}: {method} pruned ({spent:.0f}s"
-              + (f"; flops_target={macs_share:.3f}, as NetAdapt's MACs: {notes[method]}"
+              + (f"; flops_target={macs_share:.3f}, as the first search's MACs: {notes[method]}"
                  if method in notes else "") + ") and fine-tuned", flush=True)
-    order = [base] + [models[m][0] for m in METHODS]
-    times = measure_interleaved(order, runs=args.repeats, **timing)
+    methods = [m for m in METHODS if m in models]
+    times = measure_interleaved([base] + [models[m][0] for m in methods], runs=args.repeats,
+                                **timing)
     base_prof = kprune.profile(base)
-    rows = {"unpruned": dict(acc=eager_accuracy(base, xt, yt), macs=1.0, latency=1.0,
-                             own=None, seconds=0.0, note=False)}
-    for i, method in enumerate(METHODS):
+    rows = {"unpruned": {"acc": eager_accuracy(base, xt, yt), "macs": 1.0, "latency": 1.0,
+                         "own": None, "seconds": 0.0, "note": False}}
+    for i, method in enumerate(methods):
         model, seconds, own = models[method]
-        rows[method] = dict(acc=eager_accuracy(model, xt, yt),
-                            macs=kprune.profile(model).macs / base_prof.macs,
-                            latency=times[i + 1] / times[0], own=own, seconds=seconds,
-                            note=method in notes)
+        rows[method] = {"acc": eager_accuracy(model, xt, yt),
+                        "macs": kprune.profile(model).macs / base_prof.macs,
+                        "latency": times[i + 1] / times[0], "own": own, "seconds": seconds,
+                        "note": method in notes}
     return rows
+
+
+def spread(values) -> float:
+    """The sample standard deviation (0 for one value)."""
+    return float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
 
 
 def print_table(name: str, results: list, args) -> None:
     print(f"\n{name}: digits {args.image_size}x{args.image_size}x3, latency target "
           f"{args.target:.0%} (keras, batch {args.batch}, {args.threads} threads), "
-          f"{args.base_epochs} base + {args.ft_epochs} fine-tune epochs, NetAdapt step "
-          f"{args.step}, {args.short_steps} short fine-tune batches, seeds {args.seeds}")
-    print(f"{'method':<12}{'acc':>8}{'spread':>8}{'MACs':>8}{'latency':>9}{'own meas.':>11}"
-          f"{'search s':>10}")
+          f"{args.base_epochs} base + {args.ft_epochs} fine-tune epochs, "
+          f"{args.short_steps} short fine-tune batches per candidate, NetAdapt step {args.step}, "
+          f"annealing T {args.sa_start}->{args.sa_stop} x{args.sa_rate}, AMC {args.episodes} "
+          f"episodes ({args.amc_warmup} warm-up), AutoCompress {args.ac_iterations} x "
+          f"{args.admm_iterations} x {args.admm_epochs} ADMM epochs, seeds {args.seeds}")
+    print(f"{'method':<14}{'acc':>8}{'± std':>8}{'range':>8}{'MACs':>8}{'latency':>9}"
+          f"{'± std':>7}{'own meas.':>11}{'search s':>10}")
     for method in ("unpruned",) + METHODS:
-        vals = [r[method] for r in results]
+        vals = [r[method] for r in results if method in r]
+        if not vals:
+            continue
         acc = np.array([v["acc"] for v in vals])
+        lat = [v["latency"] for v in vals]
         own = [v["own"] for v in vals if v["own"] is not None]
-        flagged = sum(v["note"] for v in vals)
-        label = method + ("*" if flagged else "")
-        print(f"{label:<12}{acc.mean():>8.2%}{acc.max() - acc.min():>8.2%}"
-              f"{np.mean([v['macs'] for v in vals]):>8.3f}"
-              f"{np.mean([v['latency'] for v in vals]):>9.3f}"
-              f"{(f'{np.mean(own):.3f}' if own else '-'):>11}"
+        label = method + ("*" if any(v["note"] for v in vals) else "")
+        print(f"{label:<14}{acc.mean():>8.2%}{spread(acc):>8.2%}{acc.max() - acc.min():>8.2%}"
+              f"{np.mean([v['macs'] for v in vals]):>8.3f}{np.mean(lat):>9.3f}"
+              f"{spread(lat):>7.3f}{(f'{np.mean(own):.3f}' if own else '-'):>11}"
               f"{np.mean([v['seconds'] for v in vals]):>10.1f}")
-    if any(r[m]["note"] for r in results for m in METHODS):
-        print("* in some seeds, pruned with flops_target = NetAdapt's MACs share: "
+    if any(r[m]["note"] for r in results for m in METHODS if m in r):
+        print("* in some seeds, pruned with flops_target = the first search's MACs share: "
               "`kprune.prune(latency_target=...)` could not reach the target (or is missing)")
+    if all("NetAdapt" in r and "uniform L1" in r for r in results):
+        a = np.array([r["NetAdapt"]["acc"] for r in results])
+        u = np.array([r["uniform L1"]["acc"] for r in results])
+        la = np.mean([r["NetAdapt"]["latency"] for r in results])
+        lu = np.mean([r["uniform L1"]["latency"] for r in results])
+        margin = max(spread(a), spread(u))
+        diff = a.mean() - u.mean()
+        lat_margin = max(spread([r["NetAdapt"]["latency"] for r in results]),
+                         spread([r["uniform L1"]["latency"] for r in results]))
+        equal = abs(la - lu) <= lat_margin
+        print(f"NetAdapt - uniform L1: {diff:+.2%} accuracy (seed spread {margin:.2%}; per-seed "
+              f"differences {', '.join(f'{d:+.2%}' for d in a - u)}), at latency {la:.3f} vs "
+              f"{lu:.3f} ({'within' if equal else 'beyond'} the latency spread {lat_margin:.3f}):"
+              f" NetAdapt ahead beyond the spread: "
+              f"{'yes' if len(results) > 1 and diff > margin else 'no'}"
+              + ("" if equal else "; not at equal measured latency"))
 
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["resnet20", "mobilenetv2"],
                         choices=["resnet20", "mobilenetv2"])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--target", type=float, default=0.5,
                         help="share of the measured latency to keep")
     parser.add_argument("--image-size", type=int, default=16)
@@ -257,7 +324,24 @@ def main(argv=None) -> dict:
     parser.add_argument("--short-steps", type=int, default=10,
                         help="NetAdapt: SGD steps (eager) of each proposal's short fine-tune")
     parser.add_argument("--time-limit", type=float, default=None,
-                        help="NetAdapt: seconds after which it returns its best so far")
+                        help="every search: seconds after which it returns its best so far")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--sa-start", type=float, default=0.02,
+                        help="annealing: start temperature (units of validation accuracy)")
+    parser.add_argument("--sa-stop", type=float, default=0.002, help="annealing: stop temperature")
+    parser.add_argument("--sa-rate", type=float, default=0.8, help="annealing: cool-down rate")
+    parser.add_argument("--sa-magnitude", type=float, default=0.35,
+                        help="annealing: perturbation magnitude")
+    parser.add_argument("--episodes", type=int, default=30, help="AMC: episodes")
+    parser.add_argument("--amc-warmup", type=int, default=10, help="AMC: warm-up episodes")
+    parser.add_argument("--ac-iterations", type=int, default=2, help="AutoCompress: iterations")
+    parser.add_argument("--ac-sa-rate", type=float, default=0.6,
+                        help="AutoCompress: cool-down rate of each annealing walk")
+    parser.add_argument("--admm-iterations", type=int, default=3,
+                        help="AutoCompress: ADMM iterations per iteration")
+    parser.add_argument("--admm-epochs", type=int, default=1,
+                        help="AutoCompress: training epochs per ADMM iteration")
+    parser.add_argument("--rho", type=float, default=1e-3, help="AutoCompress: ADMM rho")
     parser.add_argument("--runs", type=int, default=20,
                         help="timed calls of each latency measurement during the search")
     parser.add_argument("--warmup", type=int, default=3,
@@ -266,18 +350,25 @@ def main(argv=None) -> dict:
     parser.add_argument("--cache-dir", default=None, help="latency tables' cache")
     parser.add_argument("--verbose", type=int, default=0)
     parser.add_argument("--quick", action="store_true",
-                        help="one seed, fewer epochs, step 0.2, 3-step short fine-tunes, "
-                             "shorter timings")
+                        help="3 seeds of ResNet-20, fewer epochs, NetAdapt step 0.25, 3-step "
+                             "short fine-tunes, short annealing, AMC and AutoCompress "
+                             "schedules, shorter timings")
     args = parser.parse_args(argv)
     if args.quick:
-        args.seeds, args.base_epochs, args.ft_epochs, args.short_steps = [0], 3, 2, 3
-        args.step, args.runs, args.warmup, args.repeats = 0.2, 10, 1, 10
+        args.models, args.seeds = ["resnet20"], [0, 1, 2]
+        args.base_epochs, args.ft_epochs, args.short_steps = 3, 2, 3
+        args.step, args.runs, args.warmup, args.repeats = 0.25, 8, 1, 10
+        args.sa_rate, args.episodes, args.amc_warmup = 0.5, 6, 2
+        args.ac_iterations, args.ac_sa_rate, args.admm_iterations = 1, 0.3, 2
     set_threads(args.threads)
     tf.get_logger().setLevel("ERROR")  # retracing notes of the many timed models
     start = time.perf_counter()
     out = {}
     for name in args.models:
         out[name] = [run_seed(args, name, seed) for seed in args.seeds]
+        if len(args.models) > 1:
+            print_table(name, out[name], args)  # as soon as one model is done
+    print("\nAll models:" if len(args.models) > 1 else "")
     for name in args.models:
         print_table(name, out[name], args)
     print(f"\nTotal {time.perf_counter() - start:.0f}s.")

@@ -5,6 +5,7 @@ The top level holds what most users need: `profile`, `prune`, `export`,
 surgeon. Each method has its own module:
 `kprune.resrep`, `kprune.slimming`, `kprune.condense`, `kprune.sfp`,
 `kprune.agp` and `kprune.repr` (RePr), all ending in the same surgery;
+`kprune.autocompress` (annealing, ADMM training with `kprune.admm`, then the cut);
 `kprune.lowrank` decomposes layers by truncated SVD with ENC rank selection.
 
 The package is layered (see README.md, "Layout"); each folder imports only
@@ -19,9 +20,9 @@ from the folders below it:
     latency   per-layer latency tables and the latency model
     select/   criteria and pruners
     pruning   one-shot `prune`
-    search/   per-layer ratios against a budget: sensitivity, NetAdapt
+    search/   per-layer ratios against a budget: sensitivity, NetAdapt, annealing, AMC
     train/    update rules, RuleOptimizer, Trainer, channel masks
-    methods/  ResRep, Slimming, CondenseNet, SFP, RePr, AGP, low-rank (ENC)
+    methods/  ResRep, Slimming, CondenseNet, SFP, RePr, AGP, low-rank (ENC), AutoCompress
     tools/    export, cli, demo, datasets, verify, plot
 """
 
@@ -43,6 +44,8 @@ from kprune import search  # noqa: F401,E402
 from kprune import train  # noqa: F401,E402
 from kprune.train import Trainer, masking, rules  # noqa: F401,E402
 from kprune.methods import agp, condense, lowrank, repr, resrep, sfp, slimming  # noqa: F401,E402
+from kprune.methods.autocompress import autocompress  # noqa: F401,E402
+from kprune.train import admm  # noqa: F401,E402
 from kprune.tools import cli, datasets, demo, hub_rules, plot, verify  # noqa: F401,E402
 from kprune.tools.export import export  # noqa: F401,E402
 

@@ -8,7 +8,14 @@ in how they propose ratios:
 
 * `sensitivity`: every group pruned alone at every ratio (a table);
 * `netadapt`: NetAdapt (Yang et al., ECCV 2018), one group a step until the
-  budget is met.
+  budget is met;
+* `simulated_annealing`: NNI 2.x's simulated annealing over sparsity
+  distributions scaled to the budget;
+* `amc`: AMC (He et al., ECCV 2018), a DDPG agent choosing each group's ratio
+  in turn, its actions clipped so that the budget stays reachable.
+
+AutoCompress (annealing, then ADMM training, each iteration) trains, so it
+lives above, in `kprune.autocompress`.
 
 Budgets are one type for MACs, parameters and measured latency: `macs(t)`,
 `params(t)`, `latency(t, runtime="keras", batch_size=1, threads=None)`.
@@ -22,10 +29,13 @@ Example:
 >>> again = kprune.prune(model, config_list=result.config_list, **result.prune_kwargs)
 """
 
+from kprune.search.amc import DDPGAgent, amc  # noqa: F401
+from kprune.search.anneal import acceptance_probability, simulated_annealing  # noqa: F401
 from kprune.search.budget import Budget, BoundBudget, latency, macs, params  # noqa: F401
 from kprune.search.core import Search, SearchResult, Trial  # noqa: F401
 from kprune.search.netadapt import netadapt  # noqa: F401
 from kprune.search.sensitivity import SensitivityResult, sensitivity  # noqa: F401
 
-__all__ = ["Budget", "BoundBudget", "Search", "SearchResult", "SensitivityResult", "Trial",
-           "latency", "macs", "netadapt", "params", "sensitivity"]
+__all__ = ["Budget", "BoundBudget", "DDPGAgent", "Search", "SearchResult", "SensitivityResult",
+           "Trial", "acceptance_probability", "amc", "latency", "macs", "netadapt", "params",
+           "sensitivity", "simulated_annealing"]

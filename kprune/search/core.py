@@ -6,7 +6,8 @@ turns them into a plan (`kprune.pruners.make_plan` with the guards), prunes
 with the surgeon, fine-tunes (optional) and scores the pruned model with the
 user's `evaluate`, and keeps a history and the best so far. Strategies differ
 only in how they propose (`kprune.search.sensitivity`,
-`kprune.search.netadapt`).
+`kprune.search.netadapt`, `kprune.search.simulated_annealing`,
+`kprune.search.amc`).
 
 Proposing is kept apart from evaluating: `Search.trial(ratios, start)` is the
 whole evaluation of one candidate, a pure function of its arguments and the
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import math
 import time
 import warnings
@@ -153,6 +155,41 @@ def check_score(value, what: str = "evaluate") -> float:
         raise KprunError(f"`{what}` returned {score}; it must return a finite number "
                          "(higher is better).")
     return score
+
+
+def check_number(name: str, value, low: float | None = None, high: float | None = None, *,
+                 low_open: bool = False, high_open: bool = False, integer: bool = False,
+                 what: str = "") -> float:
+    """`value` as a float (an int with `integer`), or a `KprunError` naming `name` and the range.
+
+    Args:
+        name: The argument's name, shown in the message.
+        value: What was given.
+        low, high: The bounds (None: unbounded).
+        low_open, high_open: Whether a bound itself is outside the range.
+        integer: Require an int.
+        what: What the argument means, put before the range in the message.
+    """
+    kinds = (int, np.integer) if integer else (int, float, np.number)
+    ok = not isinstance(value, (bool, np.bool_)) and isinstance(value, kinds) \
+        and math.isfinite(float(value))
+    if ok and low is not None:
+        ok = value > low if low_open else value >= low
+    if ok and high is not None:
+        ok = value < high if high_open else value <= high
+    if not ok:
+        if low is not None and high is not None:
+            span = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        elif low is not None:
+            span = f"{'>' if low_open else '>='} {low:g}"
+        elif high is not None:
+            span = f"{'<' if high_open else '<='} {high:g}"
+        else:
+            span = "finite"
+        kind = "an int" if integer else "a number"
+        raise KprunError(f"`{name}` must be {kind} {span}" + (f" ({what})" if what else "")
+                         + f"; got {value!r}.")
+    return int(value) if integer else float(value)
 
 
 def _check_callable(fn, name: str, optional: bool = False) -> None:
@@ -509,6 +546,55 @@ class Search:
             if self._bar is not None and self.stopped:
                 print()
 
+    def long_finetune(self, record: Trial, model: keras.Model, fn: Callable) -> tuple:
+        """`fn` run on a copy of the chosen `model`, scored and recorded: `(Trial, model)`.
+
+        The record's step is 'long_finetune'; a model tuned in place keeps
+        the chosen one's measured budget (its widths are those measured).
+        """
+        t0 = time.perf_counter()
+        start = copy_model(model)
+        tuned = self.finetune(start, fn, "long_finetune")
+        score = self.score(tuned)
+        measured = record.measured if tuned is start or self.bound is None \
+            else self.bound.measure(tuned)
+        final = Trial(len(self.history), "long_finetune", dict(record.ratios), record.estimated,
+                      measured, score, time.perf_counter() - t0, accepted=True)
+        self.record(final)
+        return final, tuned
+
+    def calibrated(self, quantile: float = 0.75) -> float | None:
+        """The goal for estimates: the target over how far measurements exceed estimates.
+
+        MACs and parameter estimates are exact: the target. For latency, the
+        ratio measured / estimated of every trial so far, at `quantile` (a
+        high one, so that most candidates measure within the target), divides
+        the target; the target itself before any trial. None without budget.
+        """
+        if self.bound is None:
+            return None
+        target = self.bound.target
+        if self.budget.kind != "latency":
+            return target
+        ratios = [r.measured / r.estimated for r in self.history
+                  if r.measured is not None and r.estimated and r.measured > 0]
+        if not ratios:
+            return target
+        return target / float(np.quantile(ratios, quantile))
+
+    def best(self, pairs: list) -> tuple | None:
+        """The best `(Trial, model)` of `pairs`: highest score within the budget.
+
+        When none is within the budget (a measured latency), the one that
+        keeps the least; None when `pairs` is empty.
+        """
+        if not pairs:
+            return None
+        within = [p for p in pairs if self.bound is None or self.bound.met(p[0].measured)]
+        if within:
+            return max(within, key=lambda p: (p[0].score, -(p[0].measured or 0.0)))
+        return min(pairs, key=lambda p: (p[0].measured, -p[0].score))
+
     # Results ------------------------------------------------------------------------
     def config_list(self, ratios: Mapping) -> list:
         """An NNI-style config list that makes `kprune.prune` drop the counts of `ratios`.
@@ -582,4 +668,62 @@ class Search:
                             reason=self.reason or reason, prune_kwargs=self.prune_kwargs)
 
 
-__all__ = ["Search", "SearchResult", "State", "Stop", "Trial", "check_score"]
+def check_reachable(search: Search) -> None:
+    """Raise a `KprunError` naming why, when `search`'s budget cannot be reached.
+
+    For MACs and parameters, whose estimates are exact: when every group at
+    the most the guards allow still keeps more than the target. A latency
+    estimate is a prediction, so only a search without any prunable group
+    is refused for it.
+    """
+    bound = search.bound
+    if not search.units:
+        raise KprunError(unreachable(search, "no group can be pruned (every group reaches a "
+                                             "model input or output, or is excluded)"))
+    if search.budget.kind == "latency":
+        return  # a prediction, not the cost: only the measured latency can say it is out of reach
+    smallest = search.estimate(search.max_ratios())
+    if not bound.met(smallest):
+        raise KprunError(unreachable(search, f"with every group at the most the guards allow, "
+                                             f"the model keeps {smallest:.1%}"))
+
+
+def unreachable(search: Search, why: str) -> str:
+    """The message of an unreachable budget: `why`, the blocked groups and the guards."""
+    guards = search.guards
+    blocked = search.graph.describe_blockers()
+    return (f"Model '{search.model.name}' cannot reach {search.budget.describe()}: {why}; "
+            + (f"groups are left whole by layers kprune cannot prune through: {blocked}; "
+               if blocked else "")
+            + f"guards: max_ratio={guards['max_ratio']}, min_channels={guards['min_channels']}, "
+            f"round_to={guards['round_to']}. `kprune.DependencyGraph(model).summary()` lists "
+            "every group's reason.")
+
+
+def make_search(model: keras.Model, evaluate: Callable, budget: Budget, finetune, long_finetune,
+                seed, verbose: int, options: dict) -> Search:
+    """The `Search` of a strategy, checked: the seed, `long_finetune`, options, the budget.
+
+    Raises:
+        KprunError: for a negative or non-int seed, a `long_finetune` that is
+            not callable, an option `Search` does not take, or a MACs or
+            params budget the guards cannot reach (`check_reachable`).
+    """
+    if seed is not None:
+        check_number("seed", seed, 0, None, integer=True)
+    if long_finetune is not None and not callable(long_finetune):
+        raise KprunError(f"`long_finetune` must be a function of the model (or None); "
+                         f"got {long_finetune!r}.")
+    known = set(inspect.signature(Search).parameters) - {"model", "evaluate", "budget",
+                                                          "finetune", "seed", "verbose"}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise KprunError(f"Unknown search option(s) {unknown}; valid: {sorted(known)}.")
+    search = Search(model, evaluate, budget, finetune=finetune, seed=seed, verbose=verbose,
+                    **options)
+    check_reachable(search)
+    return search
+
+
+__all__ = ["Search", "SearchResult", "State", "Stop", "Trial", "check_number", "check_reachable",
+           "check_score", "make_search", "unreachable"]

@@ -43,7 +43,6 @@ Example:
 
 from __future__ import annotations
 
-import time
 import warnings
 from typing import Callable
 
@@ -52,7 +51,7 @@ import numpy as np
 
 from kprune.errors import KprunError, KprunWarning
 from kprune.search.budget import Budget, check_budget
-from kprune.search.core import Search, SearchResult, Trial
+from kprune.search.core import Search, SearchResult, make_search
 from kprune.surgeon import copy_model
 
 
@@ -180,20 +179,9 @@ class _NetAdapt:
         record.measured = min([record.measured] + [s.bound.measure(model) for _ in range(repeats)])
 
     def final(self) -> None:
-        s = self.search
         if self.long_finetune is None or self.best is None or not self.met:
             return
-        record, model = self.best
-        t0 = time.perf_counter()
-        start = copy_model(model)
-        tuned = s.finetune(start, self.long_finetune, "long_finetune")
-        score = s.score(tuned)
-        # tuned in place, the widths are those measured: timing them again would only add noise
-        measured = record.measured if tuned is start else s.bound.measure(tuned)
-        final = Trial(len(s.history), "long_finetune", dict(record.ratios), record.estimated,
-                      measured, score, time.perf_counter() - t0, accepted=True)
-        s.record(final)
-        self.best = (final, tuned)
+        self.best = self.search.long_finetune(*self.best, self.long_finetune)
 
     def run(self) -> SearchResult:
         s = self.search
@@ -264,40 +252,13 @@ def netadapt(model: keras.Model, evaluate: Callable, budget: Budget,
     """
     check_budget(budget)
     _check_step(step, decay)
-    search = Search(model, evaluate, budget, finetune=finetune, criterion=criterion,
-                    exclude=exclude, max_ratio=max_ratio, min_channels=min_channels,
-                    round_to=round_to, data=data, loss=loss, reduce=reduce, seed=seed,
-                    batch_size=batch_size, max_trials=max_trials, time_limit=time_limit,
-                    verbose=verbose, approximate=approximate)
-    if long_finetune is not None and not callable(long_finetune):
-        raise KprunError(f"`long_finetune` must be a function of the model (or None); "
-                         f"got {long_finetune!r}.")
-    _check_reachable(search)
+    search = make_search(model, evaluate, budget, finetune, long_finetune, seed, verbose,
+                         {"criterion": criterion, "exclude": exclude, "max_ratio": max_ratio,
+                          "min_channels": min_channels, "round_to": round_to, "data": data,
+                          "loss": loss, "reduce": reduce, "batch_size": batch_size,
+                          "max_trials": max_trials, "time_limit": time_limit,
+                          "approximate": approximate})
     return _NetAdapt(search, step, decay, long_finetune).run()
-
-
-def _check_reachable(search: Search) -> None:
-    bound = search.bound
-    if not search.units:
-        raise KprunError(_unreachable(search, "no group can be pruned (every group reaches a "
-                                              "model input or output, or is excluded)"))
-    if search.budget.kind == "latency":
-        return  # a prediction, not the cost: only the measured latency can say it is out of reach
-    smallest = search.estimate(search.max_ratios())
-    if not bound.met(smallest):
-        raise KprunError(_unreachable(search, f"with every group at the most the guards allow, "
-                                              f"the model keeps {smallest:.1%}"))
-
-
-def _unreachable(search: Search, why: str) -> str:
-    guards = search.guards
-    blocked = search.graph.describe_blockers()
-    return (f"Model '{search.model.name}' cannot reach {search.budget.describe()}: {why}; "
-            + (f"groups are left whole by layers kprune cannot prune through: {blocked}; "
-               if blocked else "")
-            + f"guards: max_ratio={guards['max_ratio']}, min_channels={guards['min_channels']}, "
-            f"round_to={guards['round_to']}. `kprune.DependencyGraph(model).summary()` lists "
-            "every group's reason.")
 
 
 __all__ = ["netadapt"]
