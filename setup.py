@@ -15,6 +15,9 @@ setup(
         "litert": ["ai-edge-litert"],
         "hub": ["keras-hub>=0.20"],
         "plot": ["matplotlib"],
+        # The other Keras backends, for KERAS_BACKEND=jax / torch (CPU builds; torch 2.13.0 is
+        # the release whose CPU wheel the project's machines hold).
+        "backends": ["jax[cpu]", "torch==2.13.0"],
     },
     entry_points={"console_scripts": ["kprune=kprune.tools.cli:main"]},
 )

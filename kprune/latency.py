@@ -317,7 +317,22 @@ def _check_counts(warmup, runs) -> None:
                          f"warmup={warmup!r}.")
 
 
+def check_backend(what: str = "Measured latency") -> None:
+    """KprunError unless Keras runs on TensorFlow, where kprune times models.
+
+    Runtime "keras" times a `tf.function` and "tflite" converts through
+    TensorFlow; neither exists on the JAX or PyTorch backends.
+    """
+    backend = keras.backend.backend()
+    if backend != "tensorflow":
+        raise KprunError(f"{what} is timed on the TensorFlow backend (runtime 'keras' runs a "
+                         f"tf.function, 'tflite' converts through TensorFlow); Keras runs on "
+                         f"'{backend}'. Run this under KERAS_BACKEND=tensorflow, or prune to "
+                         "`flops_target` / `params_target`, which work on every backend.")
+
+
 def _runner(model, runtime, batch_size, threads):
+    check_backend()
     if runtime == "keras":
         return _keras_runner(model, batch_size, threads)
     return _tflite_runner(model, batch_size, threads)
@@ -780,6 +795,7 @@ class LatencyModel:
                  graph: DependencyGraph | None = None, groups: Sequence[int] | None = None,
                  runs: int = 20, warmup: int = 3, verbose: int = 1):
         check_settings(runtime, batch_size, threads)
+        check_backend("A LatencyModel")
         if table is None:
             table = LatencyTable(runtime, batch_size, threads, cache_dir)
         elif (runtime, batch_size, threads) != ("keras", 1, None) and \
@@ -1078,6 +1094,7 @@ class _CallableModule(types.ModuleType):
 
 sys.modules[__name__].__class__ = _CallableModule
 
-__all__ = ["LatencyModel", "LatencyTable", "RUNTIMES", "TIMED", "TimedCall", "check_settings",
+__all__ = ["LatencyModel", "LatencyTable", "RUNTIMES", "TIMED", "TimedCall", "check_backend",
+           "check_settings",
            "measure", "measure_interleaved", "register_timed", "tflite_bytes",
            "tflite_interpreter"]

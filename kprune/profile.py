@@ -352,8 +352,9 @@ def latency(model: keras.Model, batch_size: int = 1, warmup: int = 3, runs: int 
             input_shape: Sequence[int] | None = None) -> float:
     """Median seconds of one inference call on a batch of random inputs.
 
-    The model runs inside a compiled `tf.function` (as `model.predict` does),
-    after `warmup` untimed calls.
+    The model runs inside a compiled `tf.function` (as `model.predict` does)
+    on TensorFlow, and through `model.predict_on_batch` on JAX (jitted) and
+    PyTorch, after `warmup` untimed calls.
 
     Args:
         model: A single-input Keras model.
@@ -362,19 +363,23 @@ def latency(model: keras.Model, batch_size: int = 1, warmup: int = 3, runs: int 
         runs: Timed calls; the median is returned.
         input_shape: Input shape without batch axis, if the model's is unknown.
     """
-    import tensorflow as tf
-
     shape = tuple(input_shape or model.inputs[0].shape[1:])
     if any(d is None for d in shape):
         raise KprunError(f"Model '{model.name}' has unknown input sizes; pass `input_shape=`.")
-    x = tf.constant(np.random.default_rng(0).normal(size=(batch_size,) + shape).astype("float32"))
-    fn = tf.function(lambda t: model(t, training=False), jit_compile=False)
+    x = np.random.default_rng(0).normal(size=(batch_size,) + shape).astype("float32")
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        x = tf.constant(x)
+        fn = tf.function(lambda t: model(t, training=False), jit_compile=False)
+    else:  # JAX: the jitted predict step; torch: the eager one, without gradients
+        fn = model.predict_on_batch
     for _ in range(max(1, warmup)):
         fn(x)
     times = []
     for _ in range(runs):
         t0 = time.perf_counter()
         out = fn(x)
-        keras.tree.map_structure(lambda o: o.numpy(), out)
+        keras.tree.map_structure(keras.ops.convert_to_numpy, out)
         times.append(time.perf_counter() - t0)
     return float(np.median(times))

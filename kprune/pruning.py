@@ -23,7 +23,7 @@ from kprune.select import criteria as _criteria
 from kprune.select import pruners
 from kprune.errors import KprunError, KprunWarning
 from kprune.graph import DependencyGraph, get_rule
-from kprune.latency import LatencyModel, _fake_weights, check_settings
+from kprune.latency import LatencyModel, _fake_weights, check_backend, check_settings
 from kprune.surgeon import apply_plan, copy_model, drop_masks, hub
 
 _SCOPES = ("local", "global")
@@ -368,7 +368,8 @@ class _SearchBar:
         if not cost.exact:
             steps += _MAX_MEASURED + 2
         print(f"kprune: searching the ratio for the {cost.name} target")
-        self.bar, self.done = keras.utils.Progbar(steps, unit_name="step"), 0
+        self.bar = keras.utils.Progbar(steps, unit_name="step", stateful_metrics=["ratio", "kept"])
+        self.done = 0
 
     def step(self, values) -> None:
         if self.done + 1 < self.bar.target:
@@ -524,6 +525,8 @@ def _prepare(model, ratio, flops_target, criterion, scope, data, exclude, round_
              latency_target=None, runtime="keras", batch_size=None, threads=None):
     _check_target(ratio, flops_target, config_list, params_target, latency_target)
     check_settings(runtime, 1 if batch_size is None else batch_size, threads)
+    if latency_target is not None:
+        check_backend("`latency_target`")
     crit = _criteria.get_criterion(criterion)
     if scope not in _SCOPES:
         raise KprunError(f"Unknown scope {scope!r}; valid scopes: 'local', 'global'.")
@@ -684,7 +687,8 @@ def _run(model, *, ratio=None, flops_target=None, params_target=None, latency_ta
         sparsity = config_ratios(groups, configs)
         groups = [g for g in groups if g.id in sparsity]
     scores = _criteria.score_groups(model, groups, crit, reduce, data, loss, seed, graph,
-                                    32 if batch_size is None else batch_size) if groups else {}
+                                    32 if batch_size is None else batch_size,
+                                    verbose=1 if verbose == 1 else 0) if groups else {}
     if verbose and len(scores) < len(groups):
         print(f"kprune: criterion '{crit.name}' has nothing to score in "
               f"{len(groups) - len(scores)} group(s); they are left whole")

@@ -112,6 +112,16 @@ def test_converter_output_is_silenced(tmp_path, capfd):
     assert captured.err == ""
 
 
+def test_progress_bar_over_writes_and_checks_only_when_verbose(tmp_path, capsys):
+    quiet = export(_net(), str(tmp_path / "a"), formats=["keras", "tflite"])
+    assert capsys.readouterr().out == ""
+    loud = export(_net(), str(tmp_path / "b"), formats=["keras", "tflite"], verbose=1)
+    out = capsys.readouterr().out
+    assert "4/4" in out and "checked: 2" in out  # two writes, two checks
+    assert sorted(loud) == sorted(quiet) == ["keras", "tflite"]
+    assert all(entry["max_abs_diff"] is not None for entry in loud.values())
+
+
 def test_check_raises_on_mismatch(tmp_path, monkeypatch):
     def broken(path, x):
         return run_tflite(path, x) + 0.5

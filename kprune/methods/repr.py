@@ -29,6 +29,7 @@ Example:
 
 from __future__ import annotations
 
+import keras
 import numpy as np
 
 from kprune.select import criteria
@@ -202,6 +203,7 @@ class RePr(ChannelMasker):
             The plan `{group id: channels}` now masked.
         """
         self._require_model()
+        self.sync_state()
         groups = self.groups
         scores = criteria.score_groups(self.model, groups, self.criterion, graph=self.graph)
         total = sum(g.size for g in groups if g.id in scores)
@@ -219,7 +221,7 @@ class RePr(ChannelMasker):
         for gid in self.plan():
             for member in self.graph.groups[gid].producers:
                 kernel, axis = producer_variables(member.layer)[0]
-                out[id(kernel)] = np.array(kernel.numpy(), dtype=np.float64)
+                out[id(kernel)] = np.array(keras.ops.convert_to_numpy(kernel), dtype=np.float64)
         return out
 
     def reinitialize(self) -> dict:
@@ -235,6 +237,7 @@ class RePr(ChannelMasker):
             The plan `{group id: channels}` that was re-initialised.
         """
         self._require_model()
+        self.sync_state()
         done = self.plan()
         for gid, channels in done.items():
             masked = np.zeros(self.graph.groups[gid].size, dtype=bool)
@@ -249,7 +252,7 @@ class RePr(ChannelMasker):
 
     def _reinit_member(self, member, masked: np.ndarray) -> None:
         kernel, axis = producer_variables(member.layer)[0]
-        value = np.array(kernel.numpy(), dtype=np.float64)
+        value = np.array(keras.ops.convert_to_numpy(kernel), dtype=np.float64)
         w = _matrix(value, axis)
         index = np.asarray(member.index)
         new_rows = (index >= 0) & masked[np.where(index >= 0, index, 0)]

@@ -33,6 +33,7 @@ import numpy as np
 
 from kprune.errors import KprunError
 from kprune.graph import DependencyGraph, get_rule, walk
+from kprune.graph.walk import is_tensor as walk_is_tensor
 from kprune.surgeon.rebuild import Rebuilder, weights_of
 
 # --------------------------------------------------------------------------
@@ -46,9 +47,10 @@ _SEPARABLE = (_L.SeparableConv1D, _L.SeparableConv2D)
 
 
 def _numpy(variable) -> np.ndarray:
-    """A variable or eager tensor as a float64 numpy array."""
-    value = variable.numpy() if hasattr(variable, "numpy") else variable
-    return np.asarray(value, dtype=np.float64)
+    """A variable or eager tensor of any backend as a float64 numpy array."""
+    if isinstance(variable, np.ndarray):
+        return variable.astype(np.float64, copy=False)
+    return np.asarray(keras.ops.convert_to_numpy(variable), dtype=np.float64)
 
 
 def filters(layer: keras.layers.Layer) -> np.ndarray:
@@ -356,42 +358,177 @@ def _resolve_loss(model, loss) -> Callable:
     return keras.losses.get(loss) if isinstance(loss, str) else loss
 
 
+def _count_batches(data, batch_size: int) -> int | None:
+    """How many batches `_batches(data, batch_size)` yields, or None if it cannot tell."""
+    if isinstance(data, tuple) and len(data) == 2:
+        x = data[0]
+    elif isinstance(data, (np.ndarray, dict)) or keras.ops.is_tensor(data) or (
+            isinstance(data, list) and not all(isinstance(b, tuple) for b in data)):
+        x = data
+    else:
+        try:
+            return len(data)
+        except TypeError:
+            return None
+    try:
+        return -(-len(keras.tree.flatten(x)[0]) // batch_size)
+    except TypeError:
+        return None
+
+
+def _progress(data, batch_size: int, verbose: int, what: str):
+    """A `keras.utils.Progbar` over the batches of `data`, or None when `verbose` is 0."""
+    if not verbose:
+        return None
+    print(f"kprune: scoring channels with {what}")
+    return keras.utils.Progbar(_count_batches(data, batch_size), verbose=verbose,
+                               unit_name="batch")
+
+
 def _observe(model, flat, views: list, kind: str, data, loss=None,
-             batch_size: int = 32) -> list:
+             batch_size: int = 32, verbose: int = 0) -> list:
     """Per-channel statistic `kind` ('taylor', 'apoz', 'mean') of every view."""
     if not views:
         return []
     probe = _probe(flat, [v.tensor for v in views], model)
     stats = [_Stat(v, kind) for v in views]
     loss_fn = _resolve_loss(model, loss) if kind == "taylor" else None
-    seen = False
+    bar = _progress(data, batch_size, verbose, f"'{kind}'")
+    seen = 0
     for x, y in _batches(data, batch_size):
-        seen = True
+        seen += 1
         if kind == "taylor":
-            values, grads = _taylor_batch(probe, len(views), x, y, loss_fn, model)
+            values, grads = _taylor_batch(probe, len(views), x, y, loss_fn, model, flat, views)
         else:
             values, grads = probe(x, training=False)[:len(views)], [None] * len(views)
         for stat, value, grad in zip(stats, values, grads):
             stat.add(_numpy(value), None if grad is None else _numpy(grad))
+        if bar is not None:
+            bar.update(seen)
+    if bar is not None and bar.target is None:
+        bar.update(seen, finalize=True)
     if not seen:
         raise KprunError(f"The data given to score model '{model.name}' holds no batch.")
     return [s.result() for s in stats]
 
 
-def _taylor_batch(probe, n_views, x, y, loss_fn, model):
-    import tensorflow as tf
+def _summed_loss(loss_fn, y, preds, x):
+    """The loss summed over the batch (a loss that averages is scaled by the batch size)."""
+    value = loss_fn(y, preds[0] if len(preds) == 1 else preds)
+    if len(value.shape) == 0:
+        batch = keras.ops.shape(keras.tree.flatten(x)[0])[0]
+        return value * keras.ops.cast(batch, value.dtype)
+    return keras.ops.sum(value)
 
+
+def _run_flat(flat, x, added: dict, watched: list):
+    """Run the calls of `flat` on `x`; `added[id(tensor)]` is added to that tensor.
+
+    Returns the values of the `watched` tensors (before the addition) and the
+    model's flat outputs. Backend-neutral: every call is an eager layer call,
+    so JAX can differentiate it with respect to the added values.
+    """
+    values: dict = {}
+    structure = flat.input_structure if flat.input_structure is not None else (
+        flat.inputs[0] if len(flat.inputs) == 1 else flat.inputs)
+    for tensor, value in zip(keras.tree.flatten(structure), keras.tree.flatten(x)):
+        values[id(tensor)] = keras.ops.convert_to_tensor(value)
+    seen: dict = {}
+
+    def fill(item):
+        return values[id(item)] if walk_is_tensor(item) else item
+
+    for call in flat.calls:
+        args = keras.tree.map_structure(fill, call.args)
+        kwargs = keras.tree.map_structure(fill, call.kwargs)
+        if getattr(call.layer, "_call_has_training_arg", False):
+            kwargs = dict(kwargs, training=False)
+        outputs = keras.tree.flatten(call.layer(*args, **kwargs))
+        for tensor, value in zip(call.outputs, outputs):
+            if id(tensor) in added:
+                seen[id(tensor)] = value
+                value = value + added[id(tensor)]
+            values[id(tensor)] = value
+    return [seen[id(t)] for t in watched], [values[id(t)] for t in flat.outputs]
+
+
+def _taylor_batch(probe, n_views, x, y, loss_fn, model, flat=None, views=None):
+    """Activations of the views and the gradients of the summed loss at them."""
     if y is None:
         raise KprunError(f"Criterion 'taylor' needs targets: pass data=(x, y) for model "
                          f"'{model.name}'.")
-    with tf.GradientTape() as tape:
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        with tf.GradientTape() as tape:
+            outs = probe(x, training=False)
+            acts, preds = outs[:n_views], outs[n_views:]
+            total = _summed_loss(loss_fn, y, preds, x)
+        grads = tape.gradient(total, acts)
+        return acts, [g if g is not None else tf.zeros_like(a) for a, g in zip(acts, grads)]
+    if backend == "torch":
+        import torch
+
         outs = probe(x, training=False)
         acts, preds = outs[:n_views], outs[n_views:]
-        value = loss_fn(y, preds[0] if len(preds) == 1 else preds)
-        batch = tf.cast(tf.shape(keras.tree.flatten(x)[0])[0], value.dtype)
-        total = value * batch if value.shape.rank == 0 else tf.reduce_sum(value)
-    grads = tape.gradient(total, acts)
-    return acts, [g if g is not None else tf.zeros_like(a) for a, g in zip(acts, grads)]
+        total = _summed_loss(loss_fn, y, preds, x)
+        grads = torch.autograd.grad(total, acts, allow_unused=True) if total.requires_grad \
+            else [None] * n_views
+        return ([a.detach() for a in acts],
+                [g if g is not None else torch.zeros_like(a) for a, g in zip(acts, grads)])
+    if backend == "jax":
+        import jax
+
+        tensors = [v.tensor for v in views]
+        zeros = [keras.ops.zeros((keras.ops.shape(keras.tree.flatten(x)[0])[0],)
+                                 + tuple(t.shape[1:]), dtype=t.dtype) for t in tensors]
+
+        def loss_of(deltas):
+            acts, preds = _run_flat(flat, x, {id(t): d for t, d in zip(tensors, deltas)},
+                                    tensors)
+            return _summed_loss(loss_fn, y, preds, x), acts
+
+        grads, acts = jax.grad(loss_of, has_aux=True)(zeros)
+        return acts, grads
+    raise KprunError(f"Criterion 'taylor' has no gradient for Keras backend '{backend}'; "
+                     "use the tensorflow, jax or torch backend.")
+
+
+def _weight_gradients(probe, variables: list, x, y, loss_fn):
+    """Gradients of the summed loss of `probe` at `variables` (None where it does not depend)."""
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        with tf.GradientTape() as tape:
+            preds = probe(x, training=False)
+            total = keras.ops.sum(loss_fn(y, preds[0] if len(preds) == 1 else preds))
+        return tape.gradient(total, variables)
+    if backend == "torch":
+        import torch
+
+        preds = probe(x, training=False)
+        total = keras.ops.sum(loss_fn(y, preds[0] if len(preds) == 1 else preds))
+        wrt = [v.value for v in variables]
+        usable = [i for i, w in enumerate(wrt) if w.requires_grad]
+        grads = torch.autograd.grad(total, [wrt[i] for i in usable], allow_unused=True) \
+            if usable and total.requires_grad else []
+        out = [None] * len(variables)
+        for i, g in zip(usable, grads):
+            out[i] = g
+        return out
+    if backend == "jax":
+        import jax
+
+        def loss_of(values):
+            with keras.StatelessScope(state_mapping=list(zip(variables, values))):
+                preds = probe(x, training=False)
+                return keras.ops.sum(loss_fn(y, preds[0] if len(preds) == 1 else preds))
+
+        return jax.grad(loss_of)([v.value for v in variables])
+    raise KprunError(f"Criterion 'taylor' has no gradient for Keras backend '{backend}'; "
+                     "use the tensorflow, jax or torch backend.")
 
 
 def _layer_view(model, layer) -> tuple:
@@ -408,7 +545,8 @@ def _layer_view(model, layer) -> tuple:
     raise KprunError(f"Layer '{name}' is not a layer of model '{model.name}'.")
 
 
-def taylor(model: keras.Model, layer, data, loss=None, batch_size: int = 32) -> np.ndarray:
+def taylor(model: keras.Model, layer, data, loss=None, batch_size: int = 32,
+           verbose: int = 0) -> np.ndarray:
     """First-order Taylor importance of a layer's output channels (Molchanov et al., 2017).
 
     For every sample, the product activation x d(loss)/d(activation) is summed
@@ -432,10 +570,11 @@ def taylor(model: keras.Model, layer, data, loss=None, batch_size: int = 32) -> 
     >>> taylor(model, "conv2d", (x, y), loss="sparse_categorical_crossentropy")
     """
     flat, view = _layer_view(model, layer)
-    return _observe(model, flat, [view], "taylor", data, loss, batch_size)[0]
+    return _observe(model, flat, [view], "taylor", data, loss, batch_size, verbose)[0]
 
 
-def apoz(model: keras.Model, layer, data, batch_size: int = 32) -> np.ndarray:
+def apoz(model: keras.Model, layer, data, batch_size: int = 32,
+         verbose: int = 0) -> np.ndarray:
     """One minus the Average Percentage of Zeros of a layer's output (Hu et al., 2016).
 
     Args:
@@ -453,10 +592,11 @@ def apoz(model: keras.Model, layer, data, batch_size: int = 32) -> np.ndarray:
     >>> apoz(model, "re_lu", x)
     """
     flat, view = _layer_view(model, layer)
-    return _observe(model, flat, [view], "apoz", data, None, batch_size)[0]
+    return _observe(model, flat, [view], "apoz", data, None, batch_size, verbose)[0]
 
 
-def mean_activation(model: keras.Model, layer, data, batch_size: int = 32) -> np.ndarray:
+def mean_activation(model: keras.Model, layer, data, batch_size: int = 32,
+                    verbose: int = 0) -> np.ndarray:
     """Mean absolute activation of each output channel over samples and positions.
 
     After a ReLU this is the plain mean activation of Molchanov et al. (2017).
@@ -475,7 +615,7 @@ def mean_activation(model: keras.Model, layer, data, batch_size: int = 32) -> np
     >>> mean_activation(model, "re_lu", x)
     """
     flat, view = _layer_view(model, layer)
-    return _observe(model, flat, [view], "mean", data, None, batch_size)[0]
+    return _observe(model, flat, [view], "mean", data, None, batch_size, verbose)[0]
 
 
 # --------------------------------------------------------------------------
@@ -656,15 +796,13 @@ def _inner_members(group) -> list:
     return [m for m in group.producers if m.slot not in (None, "output")]
 
 
-def _weight_taylor(model, flat, groups, data, loss, batch_size) -> dict:
+def _weight_taylor(model, flat, groups, data, loss, batch_size, verbose=0) -> dict:
     """Taylor importance of inner channels (heads): |sum of weight x gradient| per channel.
 
     Removing a head zeroes its filters; to first order the loss changes by
     the sum of weight x gradient over them (Molchanov et al., 2019). The
     absolute value is taken per batch and averaged over the batches.
     """
-    import tensorflow as tf
-
     probe, layer_map = _probe(flat, [], model, with_layers=True)
     members = [m for g in groups for m in _inner_members(g)]
     layers = list({id(m.layer): m.layer for m in members}.values())
@@ -672,16 +810,14 @@ def _weight_taylor(model, flat, groups, data, loss, batch_size) -> dict:
     loss_fn = _resolve_loss(model, loss)
     totals = {id(m): np.zeros(len(m.index)) for m in members}
     batches = 0
+    bar = _progress(data, batch_size, verbose, "'taylor' on weights")
     for x, y in _batches(data, batch_size):
         if y is None:
             raise KprunError(f"Criterion 'taylor' needs targets: pass data=(x, y) for model "
                              f"'{model.name}'.")
         flat_vars = [v for layer in layers for v in variables[id(layer)]]
-        with tf.GradientTape() as tape:
-            preds = probe(x, training=False)
-            value = loss_fn(y, preds[0] if len(preds) == 1 else preds)
-            total = tf.reduce_sum(value)
-        grads = dict(zip([id(v) for v in flat_vars], tape.gradient(total, flat_vars)))
+        grads = dict(zip([id(v) for v in flat_vars],
+                         _weight_gradients(probe, flat_vars, x, y, loss_fn)))
         for layer in layers:
             names = [n for n, _ in weights_of(layer)]
             prods = {n: _numpy(v) * (_numpy(grads[id(v)]) if grads[id(v)] is not None else 0.0)
@@ -690,6 +826,10 @@ def _weight_taylor(model, flat, groups, data, loss, batch_size) -> dict:
                 if m.layer is layer:
                     totals[id(m)] += np.abs(rule_filters(m, prods).sum(axis=1))
         batches += 1
+        if bar is not None:
+            bar.update(batches)
+    if bar is not None and bar.target is None:
+        bar.update(batches, finalize=True)
     if not batches:
         raise KprunError(f"The data given to score model '{model.name}' holds no batch.")
     out = {}
@@ -726,7 +866,8 @@ def _group_views(graph: DependencyGraph, group) -> list:
 
 def score_groups(model: keras.Model, groups=None, criterion="l1", reduce: str = "mean",
                  data=None, loss=None, seed: int | None = None,
-                 graph: DependencyGraph | None = None, batch_size: int = 32) -> dict:
+                 graph: DependencyGraph | None = None, batch_size: int = 32,
+                 verbose: int = 0) -> dict:
     """Scores of many groups at once (one pass over `data` for data criteria).
 
     Args:
@@ -734,6 +875,8 @@ def score_groups(model: keras.Model, groups=None, criterion="l1", reduce: str = 
         groups: Groups (or group ids) of `graph`; default: its prunable groups.
         criterion, reduce, data, loss, seed, batch_size: As in `group_scores`.
         graph: The model's `DependencyGraph`, if already built.
+        verbose: 1 shows a `keras.utils.Progbar` over the batches of a data
+            criterion; 0 (default) is quiet.
 
     Returns:
         `{group id: scores}` for every group the criterion applies to; groups
@@ -765,21 +908,23 @@ def score_groups(model: keras.Model, groups=None, criterion="l1", reduce: str = 
     groups = [g for g in groups if not _inner_members(g)]
     views = {g.id: _group_views(graph, g) for g in groups}
     flat_views = [v for g in groups for v in views[g.id]]
-    results = iter(_observe(model, graph.flat, flat_views, crit.stat, data, loss, batch_size))
+    results = iter(_observe(model, graph.flat, flat_views, crit.stat, data, loss, batch_size,
+                            verbose))
     out = {}
     for g in groups:
         rows = [next(results) for _ in views[g.id]]
         if rows:
             out[g.id] = _reduce(rows, reduce, g.size)
     if inner and crit.stat == "taylor":  # heads and head widths: from their weights' gradients
-        for gid, rows in _weight_taylor(model, graph.flat, inner, data, loss, batch_size).items():
+        for gid, rows in _weight_taylor(model, graph.flat, inner, data, loss, batch_size,
+                                         verbose).items():
             out[gid] = _reduce(rows, reduce, graph.groups[gid].size)
     return out
 
 
 def group_scores(model: keras.Model, group, criterion="l1", reduce: str = "mean", data=None,
                  loss=None, seed: int | None = None, graph: DependencyGraph | None = None,
-                 batch_size: int = 32) -> np.ndarray:
+                 batch_size: int = 32, verbose: int = 0) -> np.ndarray:
     """One importance score per channel of a dependency group.
 
     Every member layer is scored (the filters of producers and depthwise
@@ -799,6 +944,7 @@ def group_scores(model: keras.Model, group, criterion="l1", reduce: str = "mean"
         seed: Seed for 'random'.
         graph: The model's `DependencyGraph`, if already built.
         batch_size: Batch size when `data` holds arrays.
+        verbose: 1 shows a progress bar over the batches of a data criterion.
 
     Returns:
         Array of shape `(group.size,)`, higher = more important.
@@ -814,7 +960,8 @@ def group_scores(model: keras.Model, group, criterion="l1", reduce: str = "mean"
     """
     graph = graph or DependencyGraph(model)
     gid = int(getattr(group, "id", group))
-    out = score_groups(model, [gid], criterion, reduce, data, loss, seed, graph, batch_size)
+    out = score_groups(model, [gid], criterion, reduce, data, loss, seed, graph, batch_size,
+                       verbose)
     if gid not in out:
         names = ", ".join(graph.groups[gid].layer_names()[:3])
         raise NotApplicable(f"Criterion {get_criterion(criterion).name!r} has nothing to score "

@@ -56,7 +56,20 @@ def assign(layer, values: dict | list) -> None:
                 f"Layer '{layer.name}': weight '{_short(var)}' has shape {tuple(var.shape)} "
                 f"but the sliced value has shape {np.shape(val)}."
             )
-        var.assign(val)
+        var.assign(_on_device(val, var.dtype))
+
+
+def _on_device(value, dtype):
+    """A NumPy value as the backend's array: on JAX by `device_put`, which compiles nothing.
+
+    `jnp.asarray` of a NumPy array compiles a conversion once per shape (tens of
+    milliseconds each), most of a JAX rebuild's time.
+    """
+    if keras.backend.backend() != "jax" or not isinstance(value, (np.ndarray, np.generic)):
+        return value
+    import jax
+
+    return jax.device_put(np.asarray(value, dtype=keras.backend.standardize_dtype(dtype)))
 
 
 def clone_layer(layer, config: dict | None = None, name: str | None = None):
@@ -298,7 +311,15 @@ def _placeholder_initializers(layer) -> dict:
     return originals
 
 
-_ZEROS = keras.initializers.Zeros()
+class _HostZeros(keras.initializers.Initializer):
+    """Zeros made by NumPy: JAX's own `zeros` compiles once per shape (seconds per rebuild)."""
+
+    def __call__(self, shape, dtype=None):
+        dtype = keras.backend.standardize_dtype(dtype or "float32")
+        return _on_device(np.zeros(tuple(shape), dtype=dtype), dtype)
+
+
+_ZEROS = _HostZeros()
 
 
 _SOURCES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()

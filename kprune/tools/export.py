@@ -76,6 +76,27 @@ def _compare(name: str, fmt: str, out: np.ndarray, ref: np.ndarray, rtol: float,
     return diff
 
 
+def _numpy(value) -> np.ndarray:
+    """Model outputs of any backend as one float64 array."""
+    return np.asarray(keras.ops.convert_to_numpy(value), dtype="float64")
+
+
+# Keras writes SavedModel (and so TFLite) from these backends: TensorFlow
+# natively, JAX through jax2tf.
+GRAPH_BACKENDS = ("tensorflow", "jax")
+
+
+def _check_backend(model: keras.Model, fmt: str) -> None:
+    """KprunError when the running Keras backend cannot write `fmt`."""
+    backend = keras.backend.backend()
+    if backend not in GRAPH_BACKENDS:
+        raise KprunError(f"Model '{model.name}': exporting {fmt} is not supported on the Keras "
+                         f"'{backend}' backend (Keras writes SavedModel and TFLite from the "
+                         f"tensorflow or jax backend). Save it as .keras here "
+                         f"(kprune.export(model, path, formats=['keras'])), then export the "
+                         f"file under KERAS_BACKEND=tensorflow or jax.")
+
+
 # --------------------------------------------------------------------------
 # Writers
 # --------------------------------------------------------------------------
@@ -116,6 +137,7 @@ def save_saved_model(model: keras.Model, path: str) -> str:
     >>> save_saved_model(small, "out/saved_model")
     'out/saved_model'
     """
+    _check_backend(model, "a SavedModel")
     with _quiet():
         model.export(str(path), format="tf_saved_model", verbose=False)
     return str(path)
@@ -132,6 +154,7 @@ def save_tflite(model: keras.Model, path: str, representative_data=None) -> str:
     >>> save_tflite(small, "out/model_int8.tflite", representative_data=x_train[:100])
     'out/model_int8.tflite'
     """
+    _check_backend(model, "TFLite")
     content = tflite_bytes(model, representative_data)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "wb") as f:
@@ -189,7 +212,7 @@ def run_saved_model(path: str, x: np.ndarray) -> np.ndarray:
 
 def _run_keras_file(path: str, x: np.ndarray) -> np.ndarray:
     loaded = keras.saving.load_model(path, safe_mode=True)
-    return np.asarray(loaded(x, training=False))
+    return _numpy(loaded(x, training=False))
 
 
 # --------------------------------------------------------------------------
@@ -241,7 +264,7 @@ def check_artifacts(model: keras.Model, artifacts: Mapping[str, str], data=None,
         raise KprunError(f"Model '{model.name}': unknown artifact kind(s) {unknown}; "
                          f"choose from {list(ARTIFACTS)}.")
     x = _samples(model, data, 8)
-    ref = np.asarray(model(x, training=False), dtype="float64")
+    ref = _numpy(model(x, training=False))
     return {kind: _compare(model.name, kind, _RUNNERS[kind](path, x), ref, rtol, atol,
                            int8_tolerance)
             for kind, path in artifacts.items()}
@@ -250,7 +273,7 @@ def check_artifacts(model: keras.Model, artifacts: Mapping[str, str], data=None,
 def export(model: keras.Model, path: str, formats: Sequence[str] | str = FORMATS,
            representative_data: np.ndarray | Iterable | None = None,
            check: bool = True, rtol: float = FLOAT_RTOL, atol: float = FLOAT_ATOL,
-           int8_tolerance: float = INT8_TOLERANCE) -> dict:
+           int8_tolerance: float = INT8_TOLERANCE, verbose: int = 0) -> dict:
     """Write `model` in several formats under `path` and check each artifact.
 
     Files written (each only when its format is asked for):
@@ -273,15 +296,21 @@ def export(model: keras.Model, path: str, formats: Sequence[str] | str = FORMATS
         atol: Absolute tolerance of the float artifacts, per unit of the
             largest absolute output (at least 1).
         int8_tolerance: Allowed int8 error as a share of the outputs' range.
+        verbose: 1 shows a progress bar over the writes and checks.
 
     Returns:
         A dict keyed by artifact (`"keras"`, `"saved_model"`, `"tflite"`,
         `"tflite_int8"`), each `{"path", "size", "max_abs_diff"}` (the
         difference is `None` when `check=False`).
 
+    `"keras"` works on every Keras backend; `"saved_model"` and `"tflite"`
+    need the tensorflow or jax backend (Keras's own export path, jax2tf on
+    JAX) and raise a `KprunError` on torch.
+
     Raises:
-        KprunError: for an unknown format, or an artifact whose outputs differ
-            from the Keras model's beyond tolerance.
+        KprunError: for an unknown format, a format the running backend
+            cannot write, or an artifact whose outputs differ from the Keras
+            model's beyond tolerance.
 
     Example:
 
@@ -294,22 +323,36 @@ def export(model: keras.Model, path: str, formats: Sequence[str] | str = FORMATS
     if unknown or not formats:
         raise KprunError(f"Model '{model.name}': unknown export format(s) {unknown or formats}; "
                          f"choose from {list(FORMATS)}.")
+    for fmt, what in (("saved_model", "a SavedModel"), ("tflite", "TFLite")):
+        if fmt in formats:
+            _check_backend(model, what)  # refuse before writing anything
     if check:
         _samples(model, representative_data, 8)  # refuse bad shapes before writing anything
     os.makedirs(path, exist_ok=True)
-    written = {}
+    jobs = []
     if "keras" in formats:
-        written["keras"] = save_keras(model, os.path.join(path, "model.keras"))
+        jobs.append(("keras", lambda: save_keras(model, os.path.join(path, "model.keras"))))
     if "saved_model" in formats:
-        written["saved_model"] = save_saved_model(model, os.path.join(path, "saved_model"))
+        jobs.append(("saved_model",
+                     lambda: save_saved_model(model, os.path.join(path, "saved_model"))))
     if "tflite" in formats:
-        written["tflite"] = save_tflite(model, os.path.join(path, "model.tflite"))
+        jobs.append(("tflite", lambda: save_tflite(model, os.path.join(path, "model.tflite"))))
         if representative_data is not None:
-            written["tflite_int8"] = save_tflite(model, os.path.join(path, "model_int8.tflite"),
-                                                 representative_data)
-    diffs = {}
-    if check:
-        diffs = check_artifacts(model, written, representative_data, rtol, atol, int8_tolerance)
+            jobs.append(("tflite_int8", lambda: save_tflite(
+                model, os.path.join(path, "model_int8.tflite"), representative_data)))
+    bar = keras.utils.Progbar(len(jobs) * (2 if check else 1), unit_name="step",
+                              stateful_metrics=["wrote", "checked"]) \
+        if verbose else None
+    written, diffs = {}, {}
+    for kind, write in jobs:
+        written[kind] = write()
+        if bar is not None:
+            bar.add(1, [("wrote", len(written))])
+    for kind in written if check else ():
+        diffs.update(check_artifacts(model, {kind: written[kind]}, representative_data, rtol,
+                                     atol, int8_tolerance))
+        if bar is not None:
+            bar.add(1, [("checked", len(diffs))])
     return {kind: {"path": artifact, "size": _size(artifact), "max_abs_diff": diffs.get(kind)}
             for kind, artifact in written.items()}
 

@@ -113,5 +113,6 @@ def check_equivalence(model: keras.Model, plan: Mapping, x, rtol: float = 1e-5,
     keras.tree.assert_same_structure(got, want)
     got, want = keras.tree.flatten(got), keras.tree.flatten(ref(x, training=False))
     for g, w in zip(got, want):
-        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=rtol, atol=atol)
+        np.testing.assert_allclose(keras.ops.convert_to_numpy(g), keras.ops.convert_to_numpy(w),
+                                   rtol=rtol, atol=atol)
     return small

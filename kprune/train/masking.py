@@ -453,9 +453,21 @@ class ChannelMasker(keras.callbacks.Callback):
             factors.append((var, keep.reshape(shape).astype(var.dtype)))
         return factors
 
+    def sync_state(self) -> None:
+        """On JAX, put the training state back into the model's variables before reading them.
+
+        Inside JAX's `model.fit` the variables hold no value between steps
+        until synced (`Callback.model` does it; the masker reads variables it
+        holds directly).
+        """
+        model = getattr(self, "_model", None) or getattr(self, "_owner", None)
+        if keras.backend.backend() == "jax" and hasattr(model, "jax_state_sync"):
+            model.jax_state_sync()
+
     def apply(self) -> None:
         """Write zeros into the weights of every masked channel now."""
         self._require_model()
+        self.sync_state()
         if self._factors is None:
             self._factors = self._build_factors()
         for var, factor in self._factors:

@@ -178,6 +178,61 @@ class RuleOptimizer(keras.optimizers.Optimizer):
         # Only ids are kept: an attribute holding variables would be tracked as the wrapper's own.
         self._owner = {id(v): k for k, group in enumerate(groups) for v in group}
         super().build(var_list)
+        self._mirror_helpers(var_list)
+
+    def _mirror_helpers(self, var_list: Sequence | None = None) -> None:
+        """On JAX, give every rule helper (a mask) a copy among the optimizer's variables.
+
+        JAX's jitted `fit` step hands the optimizer only its own variables and
+        the trainable ones; a helper such as ResRep's mask is another model
+        variable, unreadable there. Its copy is refreshed from it whenever the
+        trainer collects the optimizer's state (`variables`), so a mask a
+        callback changes reaches the next step. Copies are not saved.
+        """
+        if keras.backend.backend() != "jax" or not self.built and var_list is None:
+            return
+        trainable = {id(v) for v in (var_list if var_list is not None
+                                     else self._trainable_variables)}
+        if "_mirrors" not in self.__dict__:
+            # Kept out of Keras's tracking: the helpers are the model's variables, not ours.
+            self.__dict__["_mirrors"] = {}
+        for rule in self.rules:
+            if not rule.bound:
+                continue
+            for helper in rule.helpers():
+                if id(helper) in trainable or id(helper) in self._mirrors:
+                    continue
+                with keras.name_scope(self.name, caller=self):
+                    mirror = self.add_variable(tuple(helper.shape), dtype=helper.dtype,
+                                               name=f"mirror_{len(self._mirrors)}")
+                mirror.assign(keras.ops.copy(helper.value))
+                self._mirrors[id(helper)] = (helper, mirror)
+
+    def _refresh_mirrors(self) -> None:
+        from keras.src.backend.common.stateless_scope import in_stateless_scope
+
+        if in_stateless_scope():
+            return
+        for helper, mirror in getattr(self, "_mirrors", {}).values():
+            if getattr(helper, "_value", None) is not None:  # not purged by JAX's fit
+                mirror.assign(keras.ops.copy(helper.value))  # its own buffer: JAX donates both
+
+    def _mirror_ids(self) -> set:
+        return {id(m) for _, m in getattr(self, "_mirrors", {}).values()}
+
+    def save_own_variables(self, store) -> None:
+        mirrors = self._mirror_ids()
+        for i, variable in enumerate(v for v in self.variables if id(v) not in mirrors):
+            store[str(i)] = keras.ops.convert_to_numpy(variable)
+
+    def load_own_variables(self, store) -> None:
+        mirrors = self._mirror_ids()
+        own = [v for v in self.variables if id(v) not in mirrors]
+        if len(store.keys()) != len(own):
+            super().load_own_variables(store)  # Keras's warning about the mismatch
+            return
+        for i, variable in enumerate(own):
+            variable.assign(store[str(i)])
 
     def _recreate_in_scope(self) -> None:
         """Re-create the inner optimizers not built yet, so their state is made in this scope.
@@ -197,6 +252,8 @@ class RuleOptimizer(keras.optimizers.Optimizer):
 
     @property
     def variables(self) -> list:
+        if getattr(self, "_mirrors", None):
+            self._refresh_mirrors()
         out = self._variables[:]
         for optimizer in self.optimizers:
             out.extend(optimizer.variables)
@@ -213,6 +270,7 @@ class RuleOptimizer(keras.optimizers.Optimizer):
         """
         for rule in self.rules:
             rule.bind(source)
+        self._mirror_helpers()
         return self
 
     def transform(self, grads: Sequence, variables: Sequence) -> list:
@@ -226,8 +284,10 @@ class RuleOptimizer(keras.optimizers.Optimizer):
             A list of gradients.
         """
         grads = list(grads)
+        mirrors = getattr(self, "_mirrors", None)
+        substitutes = {key: mirror for key, (_, mirror) in mirrors.items()} if mirrors else None
         for rule in self.rules:
-            grads = rule(grads, variables)
+            grads = rule(grads, variables, substitutes)
         return grads
 
     def apply(self, grads, trainable_variables=None) -> None:

@@ -291,12 +291,28 @@ class Rule:
         self._check_bound()
         return self._slots
 
-    def __call__(self, grads: Sequence, variables: Sequence) -> list:
+    def helpers(self) -> list:
+        """The helper variables of the bound slots (a mask...), each once."""
+        if self._slots is None:
+            return []
+        seen, out = set(), []
+        for slot in self._slots:
+            for item in slot[1:]:
+                if id(item) not in seen:
+                    seen.add(id(item))
+                    out.append(item)
+        return out
+
+    def __call__(self, grads: Sequence, variables: Sequence, substitutes: dict | None = None
+                 ) -> list:
         """Transform `grads`, the gradients of `variables` (matched one to one).
 
         Args:
             grads: Gradients (tensors or None), one per variable.
             variables: The variables they belong to.
+            substitutes: `{id(helper variable): what to read instead}`: on JAX,
+                `RuleOptimizer` reads a helper (a mask) through its own copy,
+                which the jitted training step holds as state.
 
         Returns:
             A new list of gradients.
@@ -310,6 +326,8 @@ class Rule:
         out = []
         for grad, variable in zip(grads, variables):
             slot = where.get(id(variable))
+            if slot is not None and substitutes:
+                slot = slot[:1] + tuple(substitutes.get(id(item), item) for item in slot[1:])
             out.append(grad if slot is None or grad is None else self._update(grad, slot, replicas))
         return out
 
@@ -378,10 +396,20 @@ class Chain(Rule):
             rule.bind(source, strict=strict)
         return self
 
-    def __call__(self, grads: Sequence, variables: Sequence) -> list:
+    def helpers(self) -> list:
+        seen, out = set(), []
+        for rule in self.rules:
+            for v in rule.helpers():
+                if id(v) not in seen:
+                    seen.add(id(v))
+                    out.append(v)
+        return out
+
+    def __call__(self, grads: Sequence, variables: Sequence, substitutes: dict | None = None
+                 ) -> list:
         grads = list(grads)
         for rule in self.rules:
-            grads = rule(grads, variables)
+            grads = rule(grads, variables, substitutes)
         return grads
 
     def get_config(self) -> dict:

@@ -33,6 +33,10 @@ class Trainer:
     `strategy.run`, and the gradients are summed across replicas by the
     optimizer, as in `model.fit`.
 
+    The Trainer needs the TensorFlow backend; on JAX or PyTorch it raises a
+    `KprunError`: compile the model with a `RuleOptimizer` and call
+    `model.fit`, which computes the same updates on every backend.
+
     Args:
         model: A Keras model (trained in place).
         optimizer: An optimizer instance or name, or a `RuleOptimizer`
@@ -57,6 +61,14 @@ class Trainer:
     def __init__(self, model: keras.Model, optimizer, loss, metrics: Sequence | None = None,
                  rules: Sequence = (), extra_optimizers: Sequence | None = None,
                  strategy: tf.distribute.Strategy | None = None):
+        backend = keras.backend.backend()
+        if backend != "tensorflow":
+            raise KprunError(f"Trainer: kprune.Trainer is a TensorFlow GradientTape loop and "
+                             f"does not run on the Keras '{backend}' backend. Use model.fit "
+                             "with the same rules instead: model.compile(optimizer="
+                             "kprune.train.RuleOptimizer(optimizer, rules, extra_optimizers), "
+                             "loss=...), then model.fit(...); it computes the same updates on "
+                             "every backend.")
         if not isinstance(model, keras.Model):
             raise KprunError(f"Trainer: `model` must be a keras.Model, got {type(model).__name__}.")
         self.model = model
