@@ -141,6 +141,16 @@ def _along(vector, rank: int, axis: int):
 # ---------------------------------------------------------------------------
 # Rules
 # ---------------------------------------------------------------------------
+
+def _unique(items) -> list:
+    """`items` in order, each object once (by identity: variables are not hashable by value)."""
+    seen, out = set(), []
+    for item in items:
+        if id(item) not in seen:
+            seen.add(id(item))
+            out.append(item)
+    return out
+
 class Rule:
     """Base class of update rules: `rule(grads, variables) -> grads`.
 
@@ -295,13 +305,7 @@ class Rule:
         """The helper variables of the bound slots (a mask...), each once."""
         if self._slots is None:
             return []
-        seen, out = set(), []
-        for slot in self._slots:
-            for item in slot[1:]:
-                if id(item) not in seen:
-                    seen.add(id(item))
-                    out.append(item)
-        return out
+        return _unique(item for slot in self._slots for item in slot[1:])
 
     def __call__(self, grads: Sequence, variables: Sequence, substitutes: dict | None = None
                  ) -> list:
@@ -397,13 +401,7 @@ class Chain(Rule):
         return self
 
     def helpers(self) -> list:
-        seen, out = set(), []
-        for rule in self.rules:
-            for v in rule.helpers():
-                if id(v) not in seen:
-                    seen.add(id(v))
-                    out.append(v)
-        return out
+        return _unique(v for rule in self.rules for v in rule.helpers())
 
     def __call__(self, grads: Sequence, variables: Sequence, substitutes: dict | None = None
                  ) -> list:
