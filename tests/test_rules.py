@@ -231,6 +231,17 @@ def test_group_lasso_rule_is_the_gradient_of_the_group_lasso_regularizer():
     np.testing.assert_allclose(_np(got), _np(want), rtol=1e-5, atol=1e-7)
 
 
+def test_group_lasso_rule_matches_the_hand_computed_gradient():
+    # The same check on every backend: d/dK of l * sum_j ||K[..., j]|| is l * K / ||K[..., j]||.
+    rng = np.random.default_rng(5)
+    value = rng.normal(size=(3, 3, 2, 5)).astype("float32")
+    var = keras.Variable(value, name="k")
+    k = value.astype("float64")
+    want = 0.2 * k / np.sqrt((k ** 2).sum(axis=(0, 1, 2), keepdims=True))
+    got = GroupLassoRule(0.2, [var])([np.zeros((3, 3, 2, 5), "float32")], [var])[0]
+    np.testing.assert_allclose(_np(got), want, rtol=1e-5, atol=1e-7)
+
+
 def test_predicate_selects_then_binds_for_saving():
     model = _compactor_model()
     bn = model.get_layer("bn")

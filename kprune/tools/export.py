@@ -259,15 +259,20 @@ def check_artifacts(model: keras.Model, artifacts: Mapping[str, str], data=None,
     >>> check_artifacts(model, {"tflite": "out/model.tflite"})
     {'tflite': 2.3e-07}
     """
+    return dict(_checked(model, artifacts, data, rtol, atol, int8_tolerance))
+
+
+def _checked(model, artifacts: Mapping[str, str], data, rtol, atol, int8_tolerance):
+    """Yield `(kind, max |diff|)` per artifact, as `check_artifacts` computes them."""
     unknown = [k for k in artifacts if k not in _RUNNERS]
     if unknown:
         raise KprunError(f"Model '{model.name}': unknown artifact kind(s) {unknown}; "
                          f"choose from {list(ARTIFACTS)}.")
     x = _samples(model, data, 8)
     ref = _numpy(model(x, training=False))
-    return {kind: _compare(model.name, kind, _RUNNERS[kind](path, x), ref, rtol, atol,
-                           int8_tolerance)
-            for kind, path in artifacts.items()}
+    for kind, path in artifacts.items():
+        yield kind, _compare(model.name, kind, _RUNNERS[kind](path, x), ref, rtol, atol,
+                             int8_tolerance)
 
 
 def export(model: keras.Model, path: str, formats: Sequence[str] | str = FORMATS,
@@ -348,9 +353,10 @@ def export(model: keras.Model, path: str, formats: Sequence[str] | str = FORMATS
         written[kind] = write()
         if bar is not None:
             bar.add(1, [("wrote", len(written))])
-    for kind in written if check else ():
-        diffs.update(check_artifacts(model, {kind: written[kind]}, representative_data, rtol,
-                                     atol, int8_tolerance))
+    checks = _checked(model, written, representative_data, rtol, atol, int8_tolerance) \
+        if check else ()
+    for kind, diff in checks:
+        diffs[kind] = diff
         if bar is not None:
             bar.add(1, [("checked", len(diffs))])
     return {kind: {"path": artifact, "size": _size(artifact), "max_abs_diff": diffs.get(kind)}

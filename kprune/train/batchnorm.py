@@ -21,26 +21,7 @@ import keras
 import numpy as np
 
 from kprune.errors import KprunError
-
-
-def _batches(data, batch_size: int, steps: int | None):
-    """Input batches of `data` (arrays, `(x, y)`, a dataset or an iterable of batches)."""
-    if isinstance(data, (tuple, list)) and data and not np.isscalar(data[0]):
-        first = data[0]
-        if isinstance(first, np.ndarray) or hasattr(first, "shape"):
-            data = first  # (x, y) or (x, y, sample_weight): the inputs
-    if hasattr(data, "shape") and not hasattr(data, "element_spec"):
-        x = np.asarray(data)
-        starts = range(0, len(x), batch_size)
-        for i, start in enumerate(starts):
-            if steps is not None and i >= steps:
-                return
-            yield x[start:start + batch_size]
-        return
-    for i, batch in enumerate(data):
-        if steps is not None and i >= steps:
-            return
-        yield batch[0] if isinstance(batch, (tuple, list)) else batch
+from kprune.select.criteria import _batches
 
 
 def _norm_layers(model: keras.Model) -> list:
@@ -88,9 +69,14 @@ def recalibrate(model: keras.Model, data, batch_size: int = 64, steps: int | Non
         layer.moving_mean.assign(np.zeros(layer.moving_mean.shape, "float32"))
         layer.moving_variance.assign(np.ones(layer.moving_variance.shape, "float32"))
     bar = keras.utils.Progbar(steps, unit_name="batch") if verbose else None
+    if data is None:
+        raise KprunError("recalibrate: pass `data`, training inputs (an array, (x, y), a "
+                         "dataset or batches).")
     seen = 0
     try:
-        for batch in _batches(data, batch_size, steps):
+        for batch, _ in _batches(data, batch_size):
+            if steps is not None and seen >= steps:
+                break
             seen += 1
             for layer in norms:
                 layer.momentum = 1.0 - 1.0 / seen
