@@ -78,7 +78,8 @@ def bench_model(name: str, args) -> tuple:
                           cache_dir=args.cache_dir, verbose=args.verbose)
         tables.append({"model": name, "runtime": runtime, "seconds": lm.seconds,
                        "measurements": lm.measurements, "timed_calls": len(lm.calls),
-                       "untimed": list(lm.untimed), "unreachable": unreachable})
+                       "untimed": list(lm.untimed), "unreachable": unreachable,
+                       "scale": lm.scale})
         print(f"  {name}: {runtime} table: {lm.measurements} layers measured in "
               f"{lm.seconds:.0f}s ({len(lm.calls)} timed calls)", flush=True)
         variants = []
@@ -126,7 +127,8 @@ def print_table(rows: list, tables: list, args) -> None:
     print("\nPer-layer tables (built once per machine, then read from the cache):")
     for t in tables:
         print(f"  {t['model']:<12} {t['runtime']:<7} {t['measurements']:>5} layers measured in "
-              f"{t['seconds']:>6.0f}s, {t['timed_calls']} timed calls"
+              f"{t['seconds']:>6.0f}s, {t['timed_calls']} timed calls, calibrated scale "
+              f"{t['scale']:.3f}"
               + (f", untimed: {', '.join(t['untimed'])}" if t["untimed"] else "")
               + (f"; latency_target {t['unreachable']} unreachable" if t["unreachable"] else ""))
     head = (f"{'model':<13}{'runtime':<8}{'target':>7}  {'method':<15}{'MACs':>7}{'params':>8}"

@@ -57,7 +57,7 @@ from kprune.graph.dependency import DependencyGraph
 from kprune.graph.rules import get_rule
 from kprune.graph.walk import is_tensor
 from kprune.profile import latency as _profile_latency
-from kprune.surgeon.plan import drop_masks
+from kprune.surgeon.plan import apply_plan, drop_masks
 from kprune.surgeon.rebuild import _names, clone_layer
 
 RUNTIMES = ("keras", "tflite")
@@ -755,6 +755,15 @@ class LatencyModel:
     is arithmetic, so a search may call it often. The grid is filled when
     the model is made (the table's cache makes that cheap the second time).
 
+    Layers alone do not run as they do inside the model (a runtime fuses a
+    convolution with its activation, caches warm differently), so the sum
+    of their savings is off by a factor. The model is therefore calibrated
+    on `anchors`: the model pruned evenly to each of these kept shares is
+    built and timed beside the original, and `scale` is the least-squares
+    factor that maps the tables' savings onto the measured ones
+    (`predict(plan) = base - scale * (sum at full width - sum at plan)`).
+    The original stays predicted exactly.
+
     Args:
         model: A functional or Sequential model with fixed input sizes.
         table: A `LatencyTable` to read and fill; by default one for
@@ -769,6 +778,8 @@ class LatencyModel:
         groups: Ids of the groups plans may touch (default: every prunable
             group); the others stay at full width and cost no measurement.
         runs, warmup: Timed and untimed calls of the end-to-end measurements.
+        anchors: Kept shares of the evenly pruned models that calibrate
+            `scale` (None or empty: `scale` is 1, the tables' sum as it is).
         verbose: Show a progress bar while the table is filled (0: silent).
 
     Attributes:
@@ -776,6 +787,10 @@ class LatencyModel:
         calls: The `TimedCall`s.
         remainder: `base - sum(c.full for c in calls)` (negative when the
             single-layer models' overhead exceeds what the rest costs).
+        scale: Factor from the tables' savings to measured ones (see above).
+        calibration: One dict per anchor: `share`, `predicted` (seconds,
+            uncalibrated), `measured` (seconds); an anchor the surgeon
+            could not build has `error` instead.
         untimed: "name (Class): reason" of timed layers that could not be
             measured alone; they stay in the remainder.
         seconds: Wall time spent filling the table for this model.
@@ -793,9 +808,11 @@ class LatencyModel:
                  runtime: str = "keras", batch_size: int = 1, threads: int | None = None,
                  grid: Sequence[float] = (0.25, 0.5, 0.75, 1.0), cache_dir=None, *,
                  graph: DependencyGraph | None = None, groups: Sequence[int] | None = None,
-                 runs: int = 20, warmup: int = 3, verbose: int = 1):
+                 runs: int = 20, warmup: int = 3,
+                 anchors: Sequence[float] | None = (0.75, 0.5), verbose: int = 1):
         check_settings(runtime, batch_size, threads)
         check_backend("A LatencyModel")
+        anchors = _check_anchors(anchors)
         if table is None:
             table = LatencyTable(runtime, batch_size, threads, cache_dir)
         elif (runtime, batch_size, threads) != ("keras", 1, None) and \
@@ -824,7 +841,8 @@ class LatencyModel:
         self.seconds = time.perf_counter() - t0
         self.measurements = table.measured - before
         self._prepared: dict = {}
-        self.base = self.measure()
+        self.scale = 1.0
+        self.base = self._calibrate(anchors)
         self.remainder = self.base - sum(c.full for c in self.calls)
 
     # Building ---------------------------------------------------------------------
@@ -927,6 +945,42 @@ class LatencyModel:
             if bar is not None and self.table.measured > before:
                 bar.add(self.table.measured - before)
 
+    def _anchor_plan(self, share: float) -> dict:
+        """`{group id: channels}` dropping about `1 - share` of every group the calls touch."""
+        gids = sorted({g for c in self.calls for d in c.dims for g in d})
+        plan = {g: np.flatnonzero(_even_drop(self.graph.groups[g], share)).tolist()
+                for g in gids}
+        return {g: ch for g, ch in plan.items() if ch}
+
+    def _calibrate(self, anchors) -> float:
+        """Time the original beside its anchors; set `scale`; return the original's seconds."""
+        self.calibration, models, sums = [], [], []
+        for share in anchors:
+            plan = self._anchor_plan(share)
+            if not plan:
+                continue
+            try:
+                models.append(apply_plan(self.model, plan, self.graph))
+            except KprunError as exc:
+                self.calibration.append({"share": share, "error": str(exc)})
+                continue
+            sums.append(self._sum(plan))
+            self.calibration.append({"share": share, "predicted": None, "measured": None})
+        seconds = self._time([self.model] + models)
+        base, full = seconds[0], self._sum({})
+        done = [c for c in self.calibration if "error" not in c]
+        for c, raw, measured in zip(done, sums, seconds[1:]):
+            c["predicted"], c["measured"] = base - full + raw, measured
+        saved = np.array([full - raw for raw in sums])
+        if len(saved) and float(saved @ saved) > 0:
+            fit = float(saved @ (base - np.array(seconds[1:]))) / float(saved @ saved)
+            self.scale = float(np.clip(fit, _SCALE_RANGE[0], _SCALE_RANGE[1]))
+        return base
+
+    def _sum(self, plan: dict) -> float:
+        drop = drop_masks(self.graph, plan) if plan else {}
+        return sum(c.predict(drop, self._sizes) for c in self.calls)
+
     def _untime(self, timed, exc):
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         note = f"{timed.name} ({type(timed.call.layer).__name__}): {first}"
@@ -943,8 +997,8 @@ class LatencyModel:
         Raises:
             KprunError: for an invalid plan (see `kprune.surgeon.drop_masks`).
         """
-        drop = drop_masks(self.graph, plan) if plan else {}
-        return self.remainder + sum(c.predict(drop, self._sizes) for c in self.calls)
+        full = self.base - self.remainder
+        return max(self.base - self.scale * (full - self._sum(plan or {})), 0.0)
 
     def ratio(self, plan: dict | None = None) -> float:
         """`predict(plan) / base`."""
@@ -1066,6 +1120,22 @@ class LatencyModel:
         for c in self.calls:
             out[c.name] = out.get(c.name, 0.0) + c.full
         return out
+
+
+# A calibrated `scale` is held within this range: beyond it the anchors' timings are noise.
+_SCALE_RANGE = (0.25, 4.0)
+
+
+def _check_anchors(anchors) -> tuple:
+    if anchors is None:
+        return ()
+    try:
+        shares = tuple(float(a) for a in anchors)
+    except (TypeError, ValueError):
+        raise KprunError(f"`anchors` holds kept shares in (0, 1); got {anchors!r}.") from None
+    if any(not (0.0 < a < 1.0) for a in shares):
+        raise KprunError(f"`anchors` holds kept shares in (0, 1); got {anchors!r}.")
+    return shares
 
 
 def _is_timed(layer) -> bool:

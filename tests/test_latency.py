@@ -33,6 +33,11 @@ def _cost(model) -> float:
     return 1e-9 * profile(model).macs + 1e-6
 
 
+def _single(model) -> bool:
+    """Whether `model` is one of the table's single-layer models."""
+    return len([l for l in model.layers if not isinstance(l, L.InputLayer)]) == 1
+
+
 class _Fake:
     """Stands in for `measure_interleaved`: counts calls, returns `_cost` (plus `extra`)."""
 
@@ -43,7 +48,7 @@ class _Fake:
                  **kwargs):
         out = []
         for m in models:
-            single = len([l for l in m.layers if not isinstance(l, L.InputLayer)]) == 1
+            single = _single(m)
             self.layers += single
             self.models += not single
             out.append(_cost(m) + (self.extra(m) if self.extra and not single else 0.0))
@@ -127,7 +132,9 @@ def test_prediction_without_a_plan_is_the_measured_base(fake):
     assert lm.remainder + sum(c.full for c in lm.calls) == pytest.approx(lm.base, rel=1e-12)
     assert lm.predict() == pytest.approx(lm.base, rel=1e-12)
     assert lm.predict({}) == lm.predict() and lm.ratio() == pytest.approx(1.0)
-    assert lm.measurements == fake.layers > 0 and fake.models == 1
+    assert lm.measurements == fake.layers > 0
+    assert fake.models == 3  # the base and its two anchors, timed together
+    assert lm.scale == pytest.approx(1.0)  # the tables add up exactly here: nothing to correct
     assert sum(lm.layers().values()) == pytest.approx(sum(c.full for c in lm.calls))
 
 
@@ -153,6 +160,43 @@ def test_prediction_follows_the_cost_of_the_pruned_model(fake):
     assert predicted[-1] < 0.5 * predicted[0]
 
 
+class _Standalone(_Fake):
+    """A runtime where a layer alone takes `factor` times what it takes inside the model."""
+
+    def __init__(self, factor):
+        super().__init__()
+        self.factor = factor
+
+    def __call__(self, models, *args, **kwargs):
+        out = super().__call__(models, *args, **kwargs)
+        return [t * self.factor if _single(m) else t for m, t in zip(models, out)]
+
+
+@pytest.mark.parametrize("factor", [0.5, 3.0])
+def test_anchors_calibrate_what_layers_alone_get_wrong(monkeypatch, factor):
+    monkeypatch.setattr(kl, "measure_interleaved", _Standalone(factor))
+    model = _net()
+    lm = kl.LatencyModel(model, verbose=0)
+    raw = kl.LatencyModel(model, anchors=None, verbose=0)
+    assert lm.scale == pytest.approx(1.0 / factor, rel=1e-9) and raw.scale == 1.0
+    assert [c["share"] for c in lm.calibration] == [0.75, 0.5]
+    for c in lm.calibration:  # the anchors are the evenly pruned models, timed
+        assert c["measured"] == pytest.approx(
+            _cost(apply_plan(model, lm._anchor_plan(c["share"]))), rel=1e-12)
+    for ratio in (0.25, 0.6, 0.75):
+        plan = prune_plan(model, ratio=ratio)
+        cost = _cost(apply_plan(model, plan))
+        assert lm.predict(plan) == pytest.approx(cost, rel=1e-9)
+        assert abs(raw.predict(plan) / cost - 1.0) > 0.05  # uncalibrated: off
+    assert lm.predict() == pytest.approx(lm.base, rel=1e-12)
+
+
+@pytest.mark.parametrize("anchors", [(0.0,), (1.0,), ("half",), 0.5])
+def test_bad_anchors_are_refused(anchors):
+    with pytest.raises(KprunError, match="anchors"):
+        kl.LatencyModel(_net(), anchors=anchors, verbose=0)
+
+
 def test_noisy_tables_are_made_monotone():
     noisy = np.array([[3.0, 2.0, 4.0], [1.0, 5.0, 4.5], [2.0, 6.0, 7.0]])
     fit = kl._monotone(noisy)
@@ -170,7 +214,8 @@ def test_one_layers_grid_is_timed_interleaved(fake, monkeypatch):
 
     monkeypatch.setattr(kl, "measure_interleaved", spy)
     lm = kl.LatencyModel(_net(), verbose=0)
-    assert sorted(calls[:-1]) == sorted(c.values.size for c in lm.calls)  # last: the base
+    assert sorted(calls[:-1]) == sorted(c.values.size for c in lm.calls)
+    assert calls[-1] == 3  # last: the base beside its two anchors
 
 
 def test_a_plan_on_one_wide_layer_lowers_the_prediction(fake):
