@@ -27,8 +27,10 @@ same `--ft-epochs` of fine-tuning (the searches' `long_finetune`):
   `--admm-epochs` ADMM epochs at `--rho`; its ADMM epochs are training the
   other methods do not get);
 * AMC: `kprune.search.amc` (`--episodes`, `--amc-warmup` of them random);
-* uniform L1: `kprune.prune(model, latency_target=target, criterion="l1")`,
-  the same share of every group;
+* uniform L1: `kprune.prune(model, latency_target=t, criterion="l1")`,
+  the same share of every group, where `t` is the latency share the first
+  search measured on its own model (at most the target; `--match target`
+  uses the target itself), so the methods compare at equal measured latency;
 * global L1: the same with `scope="global"`, one ranking over all groups.
 
 Where `kprune.prune(latency_target=...)` is missing or finds the target out
@@ -211,9 +213,16 @@ def run_seed(args, name: str, seed: int) -> dict:
         print(f"  {name} seed {seed}: {method} {len(result.history)} trials, {searched:.0f}s, "
               f"measured {result.budget:.3f} of the latency"
               + (f" (stopped: {result.reason})" if result.stopped else ""), flush=True)
-    ref = next((models[m][0] for m in SEARCHES if m in models), None)
+    first = next((m for m in SEARCHES if m in models), None)
+    ref = models[first][0] if first else None
     macs_share = (kprune.profile(ref).macs / kprune.profile(base).macs) if ref is not None \
         else args.target
+    # "The same measured latency": the baselines aim at what the first search measured on
+    # its model (at most the target), on the same runtime, so that the comparison is not
+    # between a model at the target and one well under it.
+    l1_target = args.target
+    if args.match == "search" and first and models[first][2] is not None:
+        l1_target = min(args.target, models[first][2])
     for method, scope in (("uniform L1", "local"), ("global L1", "global")):
         if method not in args.methods:
             continue
@@ -223,7 +232,7 @@ def run_seed(args, name: str, seed: int) -> dict:
             small = None
             if has_latency_target():
                 try:
-                    small = kprune.prune(base, latency_target=args.target, criterion="l1",
+                    small = kprune.prune(base, latency_target=l1_target, criterion="l1",
                                          scope=scope, verbose=0, **timing)
                 except kprune.KprunError as exc:  # measured out of reach: match a search's MACs
                     notes[method] = str(exc).split(". `")[0].split(": ", 1)[-1]
@@ -234,7 +243,8 @@ def run_seed(args, name: str, seed: int) -> dict:
         spent = time.perf_counter() - t0
         fine_tune(small, args.ft_epochs)
         models[method] = (small, spent, None)
-        print(f"  {name} seed {seed}: {method} pruned ({spent:.0f}s"
+        print(f"  {name} seed {seed}: {method} pruned to latency_target={l1_target:.3f} "
+              f"({spent:.0f}s"
               + (f"; flops_target={macs_share:.3f}, as the first search's MACs: {notes[method]}"
                  if method in notes else "") + ") and fine-tuned", flush=True)
     methods = [m for m in METHODS if m in models]
@@ -348,6 +358,10 @@ def main(argv=None) -> dict:
                         help="untimed calls before each latency measurement during the search")
     parser.add_argument("--repeats", type=int, default=30, help="rounds of the final timing")
     parser.add_argument("--cache-dir", default=None, help="latency tables' cache")
+    parser.add_argument("--match", choices=["search", "target"], default="search",
+                        help="latency_target of the L1 baselines: 'search', the latency the "
+                             "first search measured on its model (equal measured latency); "
+                             "'target', the target itself")
     parser.add_argument("--verbose", type=int, default=0)
     parser.add_argument("--quick", action="store_true",
                         help="3 seeds of ResNet-20, fewer epochs, NetAdapt step 0.25, 3-step "

@@ -6,7 +6,10 @@ the searches fast and their choices reproducible.
 
 import math
 
+import warnings
+
 import keras
+
 import numpy as np
 import pytest
 from keras import layers as L
@@ -293,6 +296,22 @@ def test_autocompress_meets_the_budget(model):
     with pytest.raises(KprunError, match="`admm_training_epochs`"):
         kprune.autocompress(model, Evaluator(), kprune.search.macs(0.4), (x, y),
                             **{**args, "admm_training_epochs": 0})
+
+
+def test_autocompress_keeps_max_ratio_over_all_iterations(model):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(32, 8, 8, 3)).astype("float32")
+    y = rng.integers(0, 3, 32)
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", kprune.KprunWarning)  # the config list reproduces it
+        result = kprune.autocompress(
+            model, Evaluator(), kprune.search.macs(0.3), (x, y), loss=loss, num_iterations=3,
+            admm_num_iterations=1, admm_training_epochs=1, start_temperature=1.0,
+            stop_temperature=0.5, cool_down_rate=0.5, max_ratio=0.6, seed=0, verbose=0)
+        again = kprune.prune(model, config_list=result.config_list, **result.prune_kwargs)
+    assert result.ratios and max(result.ratios.values()) <= 0.6 + 1e-9
+    assert widths(again) == widths(result.model)
 
 
 def test_public_names():

@@ -37,6 +37,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from collections.abc import Callable
 
@@ -138,8 +139,12 @@ def autocompress(model: keras.Model, evaluate: Callable, budget: Budget, train_d
         verbose: 1 progress bars, 2 a line per step, 0 silent.
         **options: Other keywords of `kprune.search.core.Search` (criterion,
             exclude, max_ratio, min_channels, round_to, max_trials and
-            time_limit of each annealing walk, ...). The guards apply to each
-            iteration's model.
+            time_limit of each annealing walk, ...). `max_ratio` (default
+            0.9) bounds the total against the original: a width an
+            iteration's walk chooses below `(1 - max_ratio)` of the
+            original's is raised to it before ADMM trains (a later
+            iteration then takes the share from other groups). The other
+            guards apply to each iteration's model.
 
     Returns:
         A `SearchResult` against the original model. Ctrl-C inside an
@@ -184,8 +189,7 @@ def autocompress(model: keras.Model, evaluate: Callable, budget: Budget, train_d
                 break
             graph = DependencyGraph(current, approximate=top.approximate)
             widths = DependencyGraph(walk.model, approximate=top.approximate)
-            keep = {g.id: widths.groups[g.id].size for g in graph.prunable_groups()
-                    if g.id < len(widths.groups) and widths.groups[g.id].size < g.size}
+            keep = _capped(top, graph, widths)
             if keep:
                 work = copy_model(current)
                 plan = admm_train(work, keep, train_data, loss=loss, optimizer=optimizer, rho=rho,
@@ -210,6 +214,19 @@ def autocompress(model: keras.Model, evaluate: Callable, budget: Budget, train_d
     return top.result(final, record.ratios, record.score, record.measured,
                       met=top.bound.met(record.measured),
                       reason="done" if top.bound.met(record.measured) else "budget not met")
+
+
+def _capped(top, graph: DependencyGraph, widths: DependencyGraph) -> dict:
+    """`{group id: width}` the walk chose, each at least `1 - max_ratio` of the original's."""
+    keep = {}
+    for g in graph.prunable_groups():
+        if g.id >= len(widths.groups) or widths.groups[g.id].size >= g.size:
+            continue
+        floor = math.ceil((1.0 - top.guards["max_ratio"]) * top.graph.groups[g.id].size - 1e-9)
+        width = max(widths.groups[g.id].size, min(g.size, floor))
+        if width < g.size:
+            keep[g.id] = width
+    return keep
 
 
 def _absorb(top, walk: SearchResult, iteration: int, share: float) -> None:
