@@ -391,7 +391,9 @@ def _search(model, graph, groups, scores, target, cost, scope, guards, verbose):
     original; the search then goes on on measured latency (`_settle`): if
     it is slower than the target, between it and the most pruned plan,
     otherwise between it and the original, until a measured model is within
-    the target and close to it.
+    the target and close to it: between `_LATENCY_MARGIN +
+    _LATENCY_TOLERANCE` and `_LATENCY_MARGIN` of the original's latency
+    under it (when only the most pruned plan is within the target, it).
     """
     bar = _SearchBar(len(_candidates(groups, scope)), cost) if verbose == 1 else None
     try:
@@ -453,15 +455,21 @@ def _search_steps(model, graph, groups, scores, target, cost, scope, guards, ver
 
     last = len(cands) - 1
     if not cost.exact:
-        if estimated(last) > budget:
+        # Aim a little under the budget, so that timing the result again stays within it.
+        aim = budget - _LATENCY_MARGIN * base
+        if estimated(last) > aim:
             lo, hi = 0, last  # a pessimistic prediction gets a measured second opinion
         else:
-            i = _bisect(estimated, len(cands), budget)
-            lo, hi = (0, i) if measured(i) <= budget else (i, last)
-        if measured(hi) > budget:
-            raise unreachable(measured(hi))
-        i = _settle(lo, hi, base, budget, estimated, measured)
-        return plan_at(i), trials.measure(plan_at(i))[1]
+            i = _bisect(estimated, len(cands), aim)
+            lo, hi = (0, i) if measured(i) <= aim else (i, last)
+        if measured(hi) <= aim:
+            hi = _settle(lo, hi, base, aim, estimated, measured)
+        else:  # nothing measured within the aim: the least pruned within the budget, if any
+            within = [k for k in (lo, hi) if k and measured(k) <= budget]
+            if not within:
+                raise unreachable(measured(hi))
+            hi = min(within)
+        return plan_at(hi), trials.measure(plan_at(hi))[1]
     exact = trials.estimate({}) == base
     first = estimated if exact else measured
     if first(last) > budget:
@@ -476,8 +484,10 @@ def _search_steps(model, graph, groups, scores, target, cost, scope, guards, ver
     return plan_at(i), trials.measure(plan_at(i))[1]
 
 
-# Measured latency is settled once it is within this share of the original's latency
-# under the budget (timing noise is larger), or after this many more measured models.
+# Measured latency aims this share of the original's latency under the budget (a second
+# timing of the same model differs by about as much), and is settled once it is within
+# `_LATENCY_TOLERANCE` under that aim, or after `_MAX_MEASURED` more measured models.
+_LATENCY_MARGIN = 0.01
 _LATENCY_TOLERANCE = 0.03
 _MAX_MEASURED = 5
 
