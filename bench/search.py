@@ -12,7 +12,8 @@ on two trained models:
 
 Each model is trained `--base-epochs` (SGD, momentum 0.9, weight decay 1e-4,
 cosine learning rate: `bench/accuracy_digits.py`'s `train`), then pruned to
-keep `--target` of its measured latency (runtime Keras, a `tf.function`,
+keep `--target` of its measured latency (`--runtime`: Keras, a
+`tf.function`, or TFLite on `ai_edge_litert`, steadier on small models;
 batch `--batch`, `--threads` threads) by each method, each followed by the
 same `--ft-epochs` of fine-tuning (the searches' `long_finetune`):
 
@@ -152,7 +153,7 @@ def run_seed(args, name: str, seed: int) -> dict:
           f"({time.perf_counter() - t0:.0f}s), test accuracy {eager_accuracy(base, xt, yt):.2%}",
           flush=True)
     rng = np.random.default_rng(seed)
-    timing = {"runtime": "keras", "batch_size": args.batch, "threads": args.threads}
+    timing = {"runtime": args.runtime, "batch_size": args.batch, "threads": args.threads}
 
     def fine_tune(model, epochs):
         train(model, ((x, y), None), epochs, args.ft_lr, args.batch_size)
@@ -269,7 +270,7 @@ def spread(values) -> float:
 
 def print_table(name: str, results: list, args) -> None:
     print(f"\n{name}: digits {args.image_size}x{args.image_size}x3, latency target "
-          f"{args.target:.0%} (keras, batch {args.batch}, {args.threads} threads), "
+          f"{args.target:.0%} ({args.runtime}, batch {args.batch}, {args.threads} threads), "
           f"{args.base_epochs} base + {args.ft_epochs} fine-tune epochs, "
           f"{args.short_steps} short fine-tune batches per candidate, NetAdapt step {args.step}, "
           f"annealing T {args.sa_start}->{args.sa_stop} x{args.sa_rate}, AMC {args.episodes} "
@@ -318,6 +319,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--target", type=float, default=0.5,
                         help="share of the measured latency to keep")
     parser.add_argument("--image-size", type=int, default=16)
+    parser.add_argument("--runtime", choices=["keras", "tflite"], default="keras",
+                        help="runtime of every latency measurement")
     parser.add_argument("--batch", type=int, default=128,
                         help="batch of the timed calls (large enough that compute, not the "
                              "runtime's fixed overhead, dominates at 16x16)")
