@@ -92,3 +92,18 @@ def test_mobilenet_v5_says_rms_norm_blocks_it():
     _same(small(x), model(x))
     with pytest.raises(kprune.KprunError, match="RmsNorm2d"):
         kprune.prune(model, flops_target=0.5)
+
+
+@pytest.mark.parametrize("registry, name", [(hub_archs.BACKBONES, "mobilenet_v5"),
+                                            (hub_archs.CLASSIFIERS, "mobilenet_v5_classifier")])
+def test_mobilenet_v5_copy_reloads_in_safe_mode(tmp_path, registry, name):
+    # ConvNormAct holds exact GELU as a lambda: inlined, the copy would not reload.
+    model = registry[name]()
+    randomize(model, seed=0)
+    with pytest.warns(kprune.KprunWarning, match="RmsNorm2d"):
+        small = kprune.prune(model, ratio=0.3)
+    path = tmp_path / "small.keras"
+    small.save(path)
+    loaded = keras.saving.load_model(path, safe_mode=True)
+    x = hub_archs.sample_input(model)
+    _same(loaded(x), model(x), rtol=1e-5)

@@ -123,6 +123,37 @@ def test_inlined_model_reloads_without_the_composite_classes(tmp_path):
     assert small.count_params() < model.count_params()
 
 
+@keras.saving.register_keras_serializable(package="kprune_tests")
+class ConvGelu(L.Layer):
+    """Conv -> exact GELU, the GELU held as a lambda (as KerasHub's ConvNormAct does)."""
+
+    def __init__(self, filters, **kwargs):
+        super().__init__(**kwargs)
+        self.filters = filters
+        self.conv = L.Conv2D(filters, 3, padding="same")
+        self.act = L.Activation(lambda x: keras.activations.gelu(x, approximate=False))
+
+    def call(self, x):
+        return self.act(self.conv(x))
+
+    def get_config(self):
+        return {**super().get_config(), "filters": self.filters}
+
+
+def test_sublayer_with_a_lambda_keeps_the_composite_whole_so_it_reloads(tmp_path):
+    model = _model(ConvGelu(6, name="cg"))
+    randomize(model, seed=0)
+    graph = DependencyGraph(model)
+    (call,) = [c for c in graph.flat.calls if c.opaque]
+    assert call.layer.name == "cg" and "safe_mode=True" in call.opaque
+    small = kprune.surgeon.apply_plan(model, random_plan(graph, 0.5, seed=0), graph)
+    path = tmp_path / "small.keras"
+    small.save(path)
+    loaded = keras.saving.load_model(path, safe_mode=True)
+    x = _x(model)
+    np.testing.assert_allclose(np.asarray(loaded(x)), np.asarray(small(x)), rtol=1e-6, atol=1e-6)
+
+
 def test_own_weights_keep_the_layer_whole_with_a_reason():
     block = OwnScale(4, name="scaled")
     model = _model(block)

@@ -17,6 +17,10 @@ beside its tensors) can be given a tracing function with `register_trace`.
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import types
+import warnings
+import weakref
 from typing import Any
 
 import keras
@@ -206,7 +210,9 @@ def _walk_into(graph, alias: dict, calls: list, aliases: dict) -> None:
             _inline(_graph_of(op), op.name, args, kwargs, outputs, alias, calls, aliases)
             continue
         if is_composite(op):
-            inner, opaque = trace(op, node.arguments.args, node.arguments.kwargs)
+            opaque = unsavable_sublayer(op)
+            inner, opaque = (None, opaque) if opaque else trace(op, node.arguments.args,
+                                                                node.arguments.kwargs)
             n_leaves, kept = getattr(inner, "_kprune_kept", (len(outputs), None))
             if inner is not None and n_leaves != len(outputs):
                 inner, opaque = None, (f"its trace returns {n_leaves} outputs, its call "
@@ -285,6 +291,54 @@ def is_composite(layer) -> bool:
     if type(layer).__module__.split(".")[0] == "keras" or has_rule(layer):
         return False
     return bool(sublayers(layer))
+
+
+def unsavable_sublayer(layer) -> str | None:
+    """Why inlining `layer` would give a model that does not reload, or None.
+
+    A composite's own config may name a function (`act_layer="gelu"`) that a
+    sub-layer holds as a Python function or lambda. Inlined, that sub-layer is
+    saved with its own config, which `keras.saving.load_model(safe_mode=True)`
+    refuses (a lambda) or cannot find (an unregistered function) in a fresh
+    process; kept whole, the composite saves as the original does.
+    """
+    for sub in sublayers(layer):
+        for key, value in _function_arguments(sub):
+            if not _reloads(value):
+                return (f"its sub-layer '{sub.name}' ({type(sub).__name__}) holds the Python "
+                        f"function '{value.__qualname__}' as `{key.lstrip('_')}`, which a "
+                        "`.keras` file cannot hold (`load_model(safe_mode=True)` refuses it)")
+    return None
+
+
+def _function_arguments(layer) -> list:
+    """(name, function) for the attributes of `layer` that hold a constructor argument."""
+    try:
+        params = set(inspect.signature(type(layer).__init__).parameters)
+    except (TypeError, ValueError):
+        return []
+    return [(key, value) for key, value in vars(layer).items()
+            if isinstance(value, types.FunctionType) and key.lstrip("_") in params]
+
+
+_RELOADS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _reloads(fn) -> bool:
+    """Whether Keras serializes `fn` to a config that safe-mode deserialization gives back."""
+    if fn not in _RELOADS:
+        _RELOADS[fn] = fn.__name__ != "<lambda>" and _round_trips(fn)
+    return _RELOADS[fn]
+
+
+def _round_trips(fn) -> bool:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            config = keras.saving.serialize_keras_object(fn)
+            return keras.saving.deserialize_keras_object(config, safe_mode=True) is fn
+    except Exception:  # any failure to round-trip means: it does not reload
+        return False
 
 
 _TRACERS: dict = {}
