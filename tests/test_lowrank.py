@@ -24,6 +24,17 @@ def single(layer, shape):
     return model
 
 
+def predict(model, x):
+    """`model.predict(x)`; XLA-compiled for channels_first convolutions on TensorFlow.
+
+    TensorFlow's CPU Conv2D has no channels_first (NCHW) kernel; XLA has one.
+    """
+    if keras.backend.backend() == "tensorflow" and any(
+            getattr(layer, "data_format", None) == "channels_first" for layer in model.layers):
+        model.compile(jit_compile=True)
+    return model.predict(x, verbose=0)
+
+
 def batch(model, n=3):
     return RNG.normal(size=(n,) + tuple(model.inputs[0].shape[1:])).astype("float32")
 
@@ -77,7 +88,7 @@ def test_full_rank_equals_the_original(case):
     full = lowrank.full_rank(layer.kernel.shape, kind)
     out = lowrank.decompose(model, {layer.name: (kind, full)}, only_cheaper=False)
     assert [type(lay) for lay in out.layers[1:]] == [type(layer)] * 2
-    np.testing.assert_allclose(out.predict(x, verbose=0), model.predict(x, verbose=0),
+    np.testing.assert_allclose(predict(out, x), predict(model, x),
                                rtol=1e-4, atol=1e-5)
 
 
@@ -92,7 +103,7 @@ def test_rank_r_equals_the_layer_with_the_numpy_rank_r_kernel(case):
     reference = keras.models.clone_model(model)
     reference.set_weights(model.get_weights())
     reference.layers[-1].kernel.assign(_hand_rank_r(layer.kernel.numpy(), kind, rank))
-    np.testing.assert_allclose(small.predict(x, verbose=0), reference.predict(x, verbose=0),
+    np.testing.assert_allclose(predict(small, x), predict(reference, x),
                                rtol=1e-4, atol=1e-5)
     first = small.get_layer(f"{layer.name}_lowrank")
     assert first.kernel.shape[-1] == rank and not first.use_bias
@@ -131,10 +142,10 @@ def tiny():
 
 
 def _accuracy_like(model_ref, x):
-    ref = model_ref.predict(x, verbose=0)
+    ref = predict(model_ref, x)
 
     def evaluate(m):
-        return float(1.0 / (1.0 + np.mean((m.predict(x, verbose=0) - ref) ** 2)))
+        return float(1.0 / (1.0 + np.mean((predict(m, x) - ref) ** 2)))
     return evaluate
 
 
@@ -194,7 +205,7 @@ def test_decomposed_model_prunes_profiles_and_reloads_with_safe_mode(tmp_path):
     path = str(tmp_path / "small.keras")
     small.save(path)
     loaded = keras.saving.load_model(path, safe_mode=True)
-    np.testing.assert_allclose(loaded.predict(x, verbose=0), small.predict(x, verbose=0),
+    np.testing.assert_allclose(predict(loaded, x), predict(small, x),
                                rtol=1e-5, atol=1e-6)
     assert all(type(lay).__module__.startswith("keras.") for lay in loaded.layers)
     pruned = kprune.prune(small, flops_target=0.7)
@@ -208,7 +219,7 @@ def test_shared_layer_is_decomposed_at_every_call():
     model = keras.Model(inp, L.Add()([dense(inp), dense(L.ReLU()(inp))]))
     x = batch(model)
     small = lowrank.decompose(model, {"shared": 8}, only_cheaper=False)
-    np.testing.assert_allclose(small.predict(x, verbose=0), model.predict(x, verbose=0),
+    np.testing.assert_allclose(predict(small, x), predict(model, x),
                                rtol=1e-4, atol=1e-5)
     assert kprune.profile(lowrank.decompose(model, {"shared": 2})).macs == 2 * 6 * 2 * (8 + 8)
 
