@@ -141,6 +141,28 @@ def test_latency_budget_is_met_on_measurements(model, monkeypatch, method):
     assert all(r.measured <= 0.8 + 1e-9 for r in later)  # aimed lower after trial 0
 
 
+def test_refine_gives_back_the_unused_budget_by_hand():
+    # 0.5 of 220 MACs, aimed at 0.49 (slack 0.02): 8 k0 + k0 k1 + 4 k1 with k0 = k1 = k is
+    # 108 MACs (0.491) at k = 6, over the aim, and 85 (0.386) at k = 5.
+    search = Search(dense_chain(), lambda m: float(m.count_params()), kprune.search.macs(0.5),
+                    verbose=0)
+    d0, d1 = list(search.units)
+    first = search.trial({d0: 0.8, d1: 0.8})  # k = 2: 28 MACs
+    assert first[0].measured == pytest.approx(28 / 220)
+    record, small = search.refine(first)
+    assert [r.step for r in search.history] == [None, "refine"]  # round 2: nothing to give
+    assert record.step == "refine" and record.measured == pytest.approx(85 / 220)
+    assert {layer.name: layer.units for layer in small.layers[1:3]} == {"d0": 5, "d1": 5}
+    assert search.refine(first, rounds=0) is first
+    close = search.trial({d0: 0.5, d1: 0.5})  # 0.386: within a slack of 0.2 of the target
+    assert search.refine(close, slack=0.2) is close
+    with pytest.raises(KprunError, match="`refine` must be an int >= 0"):
+        kprune.search.amc(dense_chain(), Evaluator(), kprune.search.macs(0.5), refine=-1)
+    with pytest.raises(KprunError, match="`refine` must be an int >= 0"):
+        kprune.search.simulated_annealing(dense_chain(), Evaluator(), kprune.search.macs(0.5),
+                                          refine=1.5)
+
+
 # --------------------------------------------------------------------------
 # AMC
 # --------------------------------------------------------------------------
@@ -167,8 +189,12 @@ def test_amc_meets_the_budget_every_episode(model):
     evaluate = Evaluator()
     result = kprune.search.amc(model, evaluate, kprune.search.macs(0.5), **AGENT, seed=0,
                                verbose=0)
-    assert result.met and len(result.history) == evaluate.calls == AGENT["episodes"]
+    episodes = [r for r in result.history if r.step != "refine"]
+    assert [r.step for r in episodes] == list(range(AGENT["episodes"]))
+    assert result.met and len(result.history) == evaluate.calls <= AGENT["episodes"] + 2
     assert all(r.measured <= 0.5 + 1e-9 for r in result.history)
+    assert result.budget >= max(r.measured for r in episodes if r.score == max(
+        e.score for e in episodes))  # refining never keeps less than the best episode
     assert macs_share(result.model, model) == pytest.approx(result.budget)
     assert result.score == max(r.score for r in result.history)
     again = kprune.prune(model, config_list=result.config_list, **result.prune_kwargs)

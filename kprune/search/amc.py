@@ -14,7 +14,9 @@ so that the budget stays reachable: if every later unit were pruned at the
 most the guards allow, the estimate must still be within the target
 (`AMC.clip`). After the last unit the model is pruned (optional
 `finetune`), scored by `evaluate`, and the reward (the score, or your
-`reward(score, share)`) is given to every step of the episode.
+`reward(score, share)`) is given to every step of the episode. After the
+episodes, `refine` trials give back what the best candidate left of the
+budget (`Search.refine`): untrained and noisy actions prune more than asked.
 
 The agent (`DDPGAgent`) is written with Keras layers: an actor (state ->
 ratio, a sigmoid) and a critic (state, action -> value), two small Dense
@@ -281,8 +283,8 @@ class AMC:
 
 class _Search:
     def __init__(self, search: Search, episodes, warmup, sigma, sigma_decay, reward, agent_args,
-                 long_finetune, rng):
-        self.search, self.env = search, AMC(search)
+                 long_finetune, rng, refine=2):
+        self.search, self.env, self.refine = search, AMC(search), refine
         self.episodes, self.warmup = episodes, warmup
         self.sigma, self.sigma_decay = sigma, sigma_decay
         self.reward_fn, self.long_finetune, self.rng = reward, long_finetune, rng
@@ -328,10 +330,11 @@ class _Search:
 
     def run(self) -> SearchResult:
         s = self.search
-        s.progress(self.episodes + (self.long_finetune is not None))
+        s.progress(self.episodes + self.refine + (self.long_finetune is not None))
         with s.running():
             for k in range(self.episodes):
                 self.episode(k)
+            self.best = s.refine(self.best, self.refine)
             if self.long_finetune is not None and s.bound.met(self.best[0].measured):
                 self.best = s.long_finetune(*self.best, self.long_finetune)
         if self.best is not None:
@@ -344,8 +347,8 @@ def amc(model: keras.Model, evaluate: Callable, budget: Budget,
         sigma: float = 0.5, sigma_decay: float = 0.95, reward: Callable | None = None,
         hidden: tuple = (300, 300), actor_lr: float = 1e-4, critic_lr: float = 1e-3,
         tau: float = 0.01, discount: float = 1.0, buffer_size: int = 2000,
-        batch_size: int = 64, long_finetune: Callable | None = None, seed: int | None = None,
-        verbose: int = 1, **options) -> SearchResult:
+        batch_size: int = 64, long_finetune: Callable | None = None, refine: int = 2,
+        seed: int | None = None, verbose: int = 1, **options) -> SearchResult:
     """Per-group ratios for `budget`, chosen by AMC's DDPG agent.
 
     Args:
@@ -366,6 +369,8 @@ def amc(model: keras.Model, evaluate: Callable, budget: Budget,
         actor_lr, critic_lr, tau, discount, buffer_size, batch_size: DDPG
             settings (see `DDPGAgent`).
         long_finetune: Optional fine-tune of the best model at the end.
+        refine: Most trials spent after the episodes giving back what the best
+            candidate left of the budget (`Search.refine`; 0: none).
         seed: Seed of the agent's weights, actions and batches; the same seed
             gives the same search.
         verbose: 1 a progress bar, 2 a line per episode, 0 silent.
@@ -409,6 +414,7 @@ def amc(model: keras.Model, evaluate: Callable, budget: Budget,
     if reward is not None and not callable(reward):
         raise KprunError(f"`reward` must be a function (score, share) -> float, or None; "
                          f"got {reward!r}.")
+    refine = check_number("refine", refine, 0, None, integer=True)
     if "score_batch_size" in options:
         options["batch_size"] = options.pop("score_batch_size")
     search = make_search(model, evaluate, budget, finetune, long_finetune, seed, verbose, options)
@@ -416,7 +422,8 @@ def amc(model: keras.Model, evaluate: Callable, budget: Budget,
                   "discount": discount, "buffer_size": buffer_size, "batch_size": batch_size,
                   "seed": seed}
     return _Search(search, episodes, warmup, sigma, sigma_decay, reward, agent_args,
-                   long_finetune, np.random.default_rng(None if seed is None else seed + 1)).run()
+                   long_finetune, np.random.default_rng(None if seed is None else seed + 1),
+                   refine).run()
 
 
 __all__ = ["AMC", "FEATURES", "DDPGAgent", "amc", "truncated_normal"]

@@ -26,7 +26,9 @@ you expect (0.05 for accuracy) to make it selective.
 
 A latency budget is met on estimates from per-layer tables; later
 candidates aim at the target divided by how far the measurements of the
-trials so far exceeded their estimates (`Search.calibrated`).
+trials so far exceeded their estimates (`Search.calibrated`). After the
+walk, `refine` trials give back what the best candidate left of the budget
+(`Search.refine`), so the result lands close under the target.
 
 Example:
 
@@ -171,8 +173,8 @@ class Distribution:
 
 class _Annealing:
     def __init__(self, search: Search, start_temperature, stop_temperature, cool_down_rate,
-                 perturbation_magnitude, long_finetune, rng):
-        self.search, self.rng = search, rng
+                 perturbation_magnitude, long_finetune, rng, refine=2):
+        self.search, self.rng, self.refine = search, rng, refine
         self.t0, self.t_stop = float(start_temperature), float(stop_temperature)
         self.rate, self.magnitude = float(cool_down_rate), float(perturbation_magnitude)
         self.long_finetune = long_finetune
@@ -216,12 +218,13 @@ class _Annealing:
                 record.accepted = True
                 self.current = (candidate, record.score)
             t, step = t * self.rate, step + 1
+        self.best = s.refine(self.best, self.refine)
         if self.long_finetune is not None and s.bound.met(self.best[0].measured):
             self.best = s.long_finetune(*self.best, self.long_finetune)
 
     def run(self) -> SearchResult:
         s = self.search
-        s.progress(self.steps() + 1 + (self.long_finetune is not None))
+        s.progress(self.steps() + 1 + self.refine + (self.long_finetune is not None))
         with s.running():
             self.loop()
         return finish(s, self.best, "annealing")
@@ -247,8 +250,8 @@ def simulated_annealing(model: keras.Model, evaluate: Callable, budget: Budget,
                         finetune: Callable | None = None, *, start_temperature: float = 100.0,
                         stop_temperature: float = 20.0, cool_down_rate: float = 0.9,
                         perturbation_magnitude: float = 0.35,
-                        long_finetune: Callable | None = None, seed: int | None = None,
-                        verbose: int = 1, **options) -> SearchResult:
+                        long_finetune: Callable | None = None, refine: int = 2,
+                        seed: int | None = None, verbose: int = 1, **options) -> SearchResult:
     """Per-group ratios for `budget`, chosen by simulated annealing (NNI 2.x's rule).
 
     Args:
@@ -264,6 +267,8 @@ def simulated_annealing(model: keras.Model, evaluate: Callable, budget: Budget,
         perturbation_magnitude: Largest change of one ratio at the start
             temperature (it shrinks with the temperature), in (0, 1].
         long_finetune: Optional fine-tune of the best candidate at the end.
+        refine: Most trials spent after the walk giving back what the best
+            candidate left of the budget (`Search.refine`; 0: none).
         seed: Seed of the random ratios, perturbations and acceptances (and
             of data criteria); the same seed gives the same search.
         verbose: 1 a progress bar, 2 a line per step, 0 silent.
@@ -289,9 +294,11 @@ def simulated_annealing(model: keras.Model, evaluate: Callable, budget: Budget,
     """
     check_budget(budget)
     check_annealing(start_temperature, stop_temperature, cool_down_rate, perturbation_magnitude)
+    refine = check_number("refine", refine, 0, None, integer=True)
     search = make_search(model, evaluate, budget, finetune, long_finetune, seed, verbose, options)
     return _Annealing(search, start_temperature, stop_temperature, cool_down_rate,
-                      perturbation_magnitude, long_finetune, np.random.default_rng(seed)).run()
+                      perturbation_magnitude, long_finetune, np.random.default_rng(seed),
+                      refine).run()
 
 
 __all__ = ["Distribution", "acceptance_probability", "check_annealing", "finish",

@@ -582,6 +582,70 @@ class Search:
             return target
         return target / float(np.quantile(ratios, quantile))
 
+    def scaled_down(self, ratios: Mapping, goal: float, steps: int = 50) -> dict:
+        """`ratios` times the factor in [0, 1] whose estimate is the largest within `goal`.
+
+        Every ratio is multiplied by the same factor, tried on a grid of
+        `steps + 1` points (estimates need not fall steadily with the factor:
+        a latency table has steps), so the result keeps the most of the model
+        that `goal` allows; `ratios` itself when no factor is within `goal`.
+        """
+        ratios = self.check_ratios(ratios)
+        chosen, kept = ratios, -1.0
+        for factor in np.linspace(0.0, 1.0, steps + 1):
+            candidate = {gid: round(r * float(factor), 6) for gid, r in ratios.items()}
+            estimate = self.estimate(candidate)
+            if kept < estimate <= goal + 1e-12:
+                chosen, kept = candidate, estimate
+        return {gid: r for gid, r in chosen.items() if r > 0}
+
+    def refine(self, best: tuple | None, rounds: int = 2, slack: float = 0.02) -> tuple | None:
+        """Give back what the best candidate left of the budget: `rounds` trials at most.
+
+        A strategy's best `(Trial, model)` can keep well under the target:
+        random starts, clipped actions and a latency goal lowered by the
+        calibration all prune more than asked. While the best measures more
+        than `slack` under the target, its ratios are scaled down
+        (`scaled_down`) to the estimate that its own measured / estimated
+        ratio puts `slack / 2` under the target, and that candidate is tried
+        (step 'refine'). It replaces the best when it is within the budget and
+        scores higher (`best`); one over the target teaches the next round a
+        lower goal. Returns the (new) best.
+
+        Args:
+            best: The strategy's best `(Trial, model)` (None: returned as is).
+            rounds: Most trials to spend (0: none).
+            slack: How far under the target (a share of the original) is
+                close enough.
+
+        Example:
+
+        >>> search = Search(model, evaluate, kprune.search.macs(0.5), verbose=0)
+        >>> first = search.trial({gid: 0.8 for gid in search.unit_of})
+        >>> search.refine(first)[0].measured >= first[0].measured
+        True
+        """
+        if best is None or self.bound is None or rounds < 1:
+            return best
+        target, reference = self.bound.target, best[0]
+        for _ in range(rounds):
+            record = best[0]
+            if not self.bound.met(record.measured) or record.measured >= target - slack:
+                break
+            factor = reference.measured / reference.estimated if reference.estimated else 1.0
+            ratios = self.scaled_down(record.ratios, (target - slack / 2) / max(factor, 1e-9))
+            if self.estimate(ratios) <= record.estimated + 1e-12:
+                break  # no width to give back within the goal
+            candidate = self.trial(ratios, step="refine")
+            reference = candidate[0]
+            if not self.bound.met(candidate[0].measured):
+                continue
+            chosen = self.best([best, candidate])
+            if chosen is best:
+                break
+            best = chosen
+        return best
+
     def best(self, pairs: list) -> tuple | None:
         """The best `(Trial, model)` of `pairs`: highest score within the budget.
 
