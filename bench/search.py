@@ -30,8 +30,13 @@ same `--ft-epochs` of fine-tuning (the searches' `long_finetune`):
 * AMC: `kprune.search.amc` (`--episodes`, `--amc-warmup` of them random);
 * uniform L1: `kprune.prune(model, latency_target=t, criterion="l1")`,
   the same share of every group, where `t` is the latency share the first
-  search measured on its own model (at most the target; `--match target`
-  uses the target itself), so the methods compare at equal measured latency;
+  search measured on its own model (at most the target). `prune` settles
+  anywhere in a band 0.01-0.04 under its target, so by default (`--match
+  measured`) each baseline is also pruned at `t + 0.02` and `t + 0.04` (at
+  most the target), every candidate is timed in the final rounds, and the
+  one measured closest to the first search's model is kept and fine-tuned,
+  so the methods compare at equal measured latency (`--match search`: `t`
+  only; `--match target`: the target itself);
 * global L1: the same with `scope="global"`, one ranking over all groups.
 
 Where `kprune.prune(latency_target=...)` is missing or finds the target out
@@ -220,47 +225,72 @@ def run_seed(args, name: str, seed: int) -> dict:
         else args.target
     # "The same measured latency": the baselines aim at what the first search measured on
     # its model (at most the target), on the same runtime, so that the comparison is not
-    # between a model at the target and one well under it.
+    # between a model at the target and one well under it. With `--match measured`, each
+    # baseline is pruned at that target and two higher ones (up to the target), all are timed
+    # in the final interleaved rounds, and the one measured closest to the first search's
+    # model is kept (and fine-tuned): `prune` settles anywhere in a 0.04 band under its target.
     l1_target = args.target
-    if args.match == "search" and first and models[first][2] is not None:
+    if args.match != "target" and first and models[first][2] is not None:
         l1_target = min(args.target, models[first][2])
+    aims = [l1_target]
+    if args.match == "measured":
+        aims = sorted({round(min(args.target, l1_target + d), 4) for d in (0.0, 0.02, 0.04)})
+    candidates = {}
     for method, scope in (("uniform L1", "local"), ("global L1", "global")):
         if method not in args.methods:
             continue
-        t0 = time.perf_counter()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", kprune.KprunWarning)
-            small = None
-            if has_latency_target():
-                try:
-                    small = kprune.prune(base, latency_target=l1_target, criterion="l1",
-                                         scope=scope, verbose=0, **timing)
-                except kprune.KprunError as exc:  # measured out of reach: match a search's MACs
-                    notes[method] = str(exc).split(". `")[0].split(": ", 1)[-1]
-            else:
-                notes[method] = "no latency_target in kprune.prune"
-            if small is None:
-                small = kprune.prune(base, flops_target=macs_share, criterion="l1", scope=scope)
-        spent = time.perf_counter() - t0
+        candidates[method] = []
+        for aim in aims:
+            small, spent = prune_baseline(base, aim, scope, macs_share, timing, notes, method)
+            candidates[method].append((small, spent, aim))
+            if method in notes:  # out of reach by latency: one MACs-matched model
+                break
+    methods = [m for m in METHODS if m in models or m in candidates]
+    timed = [base] + [models[m][0] for m in methods if m in models] + [
+        c[0] for m in methods if m in candidates for c in candidates[m]]
+    times = dict(zip(map(id, timed), measure_interleaved(timed, runs=args.repeats, **timing)))
+    ratio = {k: v / times[id(base)] for k, v in times.items()}
+    goal = ratio[id(ref)] if ref is not None else args.target
+    for method, options in candidates.items():
+        small, spent, aim = min(options, key=lambda c: abs(ratio[id(c[0])] - goal))
         fine_tune(small, args.ft_epochs)
         models[method] = (small, spent, None)
-        print(f"  {name} seed {seed}: {method} pruned to latency_target={l1_target:.3f} "
-              f"({spent:.0f}s"
+        print(f"  {name} seed {seed}: {method} pruned to latency_target={aim:.3f} ({spent:.0f}s"
               + (f"; flops_target={macs_share:.3f}, as the first search's MACs: {notes[method]}"
-                 if method in notes else "") + ") and fine-tuned", flush=True)
-    methods = [m for m in METHODS if m in models]
-    times = measure_interleaved([base] + [models[m][0] for m in methods], runs=args.repeats,
-                                **timing)
+                 if method in notes else "")
+              + (f"; of targets {', '.join(f'{c[2]:.3f}' for c in options)}, measured "
+                 f"{', '.join(f'{ratio[id(c[0])]:.3f}' for c in options)}, the closest to "
+                 f"{goal:.3f}" if len(options) > 1 else "") + ") and fine-tuned", flush=True)
     base_prof = kprune.profile(base)
     rows = {"unpruned": {"acc": eager_accuracy(base, xt, yt), "macs": 1.0, "latency": 1.0,
                          "own": None, "seconds": 0.0, "note": False}}
-    for i, method in enumerate(methods):
+    for method in methods:
         model, seconds, own = models[method]
         rows[method] = {"acc": eager_accuracy(model, xt, yt),
                         "macs": kprune.profile(model).macs / base_prof.macs,
-                        "latency": times[i + 1] / times[0], "own": own, "seconds": seconds,
+                        "latency": ratio[id(model)], "own": own, "seconds": seconds,
                         "note": method in notes}
     return rows
+
+
+def prune_baseline(base, aim: float, scope: str, macs_share: float, timing: dict,
+                   notes: dict, method: str):
+    """(L1-pruned model, seconds): `latency_target=aim`, else the first search's MACs share."""
+    t0 = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", kprune.KprunWarning)
+        small = None
+        if has_latency_target():
+            try:
+                small = kprune.prune(base, latency_target=aim, criterion="l1", scope=scope,
+                                     verbose=0, **timing)
+            except kprune.KprunError as exc:  # measured out of reach: match a search's MACs
+                notes[method] = str(exc).split(". `")[0].split(": ", 1)[-1]
+        else:
+            notes[method] = "no latency_target in kprune.prune"
+        if small is None:
+            small = kprune.prune(base, flops_target=macs_share, criterion="l1", scope=scope)
+    return small, time.perf_counter() - t0
 
 
 def spread(values) -> float:
@@ -361,22 +391,25 @@ def main(argv=None) -> dict:
                         help="untimed calls before each latency measurement during the search")
     parser.add_argument("--repeats", type=int, default=30, help="rounds of the final timing")
     parser.add_argument("--cache-dir", default=None, help="latency tables' cache")
-    parser.add_argument("--match", choices=["search", "target"], default="search",
+    parser.add_argument("--match", choices=["measured", "search", "target"],
+                        default="measured",
                         help="latency_target of the L1 baselines: 'search', the latency the "
-                             "first search measured on its model (equal measured latency); "
-                             "'target', the target itself")
+                             "first search measured on its model; 'measured', that and two "
+                             "higher targets, keeping the model the final timing puts closest "
+                             "to the first search's (equal measured latency); 'target', the "
+                             "target itself")
     parser.add_argument("--verbose", type=int, default=0)
     parser.add_argument("--quick", action="store_true",
                         help="3 seeds of ResNet-20, fewer epochs, NetAdapt step 0.25, 3-step "
                              "short fine-tunes, short annealing, AMC and AutoCompress "
-                             "schedules, shorter timings")
+                             "schedules, shorter timings (options given still apply)")
     args = parser.parse_args(argv)
-    if args.quick:
-        args.models, args.seeds = ["resnet20"], [0, 1, 2]
-        args.base_epochs, args.ft_epochs, args.short_steps = 3, 2, 3
-        args.step, args.runs, args.warmup, args.repeats = 0.25, 8, 1, 10
-        args.sa_rate, args.episodes, args.amc_warmup = 0.5, 6, 2
-        args.ac_iterations, args.ac_sa_rate, args.admm_iterations = 1, 0.3, 2
+    if args.quick:  # new defaults: what is given on the command line still wins
+        parser.set_defaults(
+            models=["resnet20"], seeds=[0, 1, 2], base_epochs=3, ft_epochs=2, short_steps=3,
+            step=0.25, runs=8, warmup=1, repeats=10, sa_rate=0.5, episodes=6, amc_warmup=2,
+            ac_iterations=1, ac_sa_rate=0.3, admm_iterations=2)
+        args = parser.parse_args(argv)
     set_threads(args.threads)
     tf.get_logger().setLevel("ERROR")  # retracing notes of the many timed models
     start = time.perf_counter()
