@@ -80,6 +80,18 @@ def test_annealing_distribution_favours_large_layers(model):
     assert np.all(np.diff(scaled[np.argsort(values)]) >= 0)  # the order is kept
 
 
+def test_annealing_scaling_resolves_the_factor_when_a_unit_stays_whole():
+    # d0 takes 0.5, d1 0 (whole). With d1 at 10, d0 at width a costs 8a + 10a + 40 MACs: the
+    # most kept within 0.5 of 220 is a = 3 (94 MACs, 0.427); a = 2 (76, 0.345) is one channel
+    # too many. The unit at zero must not set the bisection's range (it never reaches a cap).
+    search = Search(dense_chain(), Evaluator(), kprune.search.macs(0.5), verbose=0)
+    dist = Distribution(search)
+    values = np.array([0.5 if search.label(rep) == "d0" else 0.0 for rep in dist.reps])
+    scaled = dist.scaled(values, 0.5)
+    assert search.estimate(dist.ratios(scaled)) == pytest.approx(94 / 220)
+    assert scaled[[search.label(rep) for rep in dist.reps].index("d1")] == 0.0
+
+
 def test_annealing_is_repeatable_with_a_seed(model):
     runs = [kprune.search.simulated_annealing(model, Evaluator(), kprune.search.macs(0.5),
                                               **FAST, seed=seed, verbose=0)

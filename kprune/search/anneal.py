@@ -144,7 +144,10 @@ class Distribution:
         """The smallest scaling of `values` (capped) whose estimate is within `goal`.
 
         Values all zero are replaced by ones (a uniform distribution). When
-        even the caps keep more than `goal`, the caps are returned.
+        even the caps keep more than `goal`, the caps are returned. The
+        bisection runs between 0 and the factor that brings the last unit
+        with a positive value to its cap (units at zero stay whole at any
+        factor), so its `steps` halvings resolve the factor finely.
         """
         values = np.maximum(np.asarray(values, dtype=float), 0.0)
         if not values.any():
@@ -158,7 +161,8 @@ class Distribution:
 
         if est(0.0) <= goal + 1e-12:
             return at(0.0)
-        hi = float(np.max(self.cap / np.maximum(values, 1e-12)))
+        moving = values > 0
+        hi = float(np.max(self.cap[moving] / values[moving]))
         if est(hi) > goal + 1e-12:
             return at(hi)
         lo = 0.0
