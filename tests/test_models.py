@@ -21,15 +21,15 @@ def _layers(model, cls):
     return [layer for layer in model.layers if type(layer) is cls]
 
 
-def _expected_resnet_trainable(depth, width, classes, in_channels=3):
+def _expected_resnet_trainable(depth, width, classes, in_channels=3, taps=9):
     """Trainable parameters of a CIFAR ResNet with 1x1 projections, by hand."""
     n = (depth - 2) // 6
-    total = 9 * in_channels * width + 2 * width  # stem conv + BN
+    total = taps * in_channels * width + 2 * width  # stem conv + BN
     c_in = width
     for stage in range(3):
         c = width * 2**stage
         for block in range(n):
-            total += 9 * c_in * c + 2 * c + 9 * c * c + 2 * c
+            total += taps * c_in * c + 2 * c + taps * c * c + 2 * c
             if c_in != c:
                 total += c_in * c + 2 * c  # projection conv + BN
             c_in = c
@@ -88,6 +88,16 @@ def test_resnet_width_and_logits():
     assert model.get_layer("predictions").activation is keras.activations.linear
 
 
+def test_resnet_for_sequences():
+    model = cifar_resnet(20, input_shape=(40, 1), width=8, classifier_activation=None)
+    assert not _layers(model, keras.layers.Conv2D)
+    assert len(_layers(model, keras.layers.Conv1D)) == 19 + 2
+    assert model.get_layer("stage3_block3_out").output.shape == (None, 10, 32)
+    assert _trainable(model) == _expected_resnet_trainable(20, 8, 10, in_channels=1, taps=3)
+    y = keras.ops.convert_to_numpy(model(RNG.random((2, 40, 1)).astype("float32")))
+    assert y.shape == (2, 10)
+
+
 def test_resnet_keras_round_trip(tmp_path):
     model = cifar_resnet(8, input_shape=(16, 16, 3), width=4)
     x = RNG.random((2, 16, 16, 3)).astype("float32")
@@ -104,6 +114,7 @@ def test_resnet_keras_round_trip(tmp_path):
         ({"depth": 2}, "6n \\+ 2"),
         ({"depth": 20, "width": 0}, "width"),
         ({"depth": 20, "num_classes": 1.5}, "num_classes"),
+        ({"depth": 20, "input_shape": (32,)}, "input_shape"),
     ],
 )
 def test_resnet_bad_arguments(kwargs, match):

@@ -168,6 +168,15 @@ def test_refine_gives_back_the_unused_budget_by_hand():
     assert search.refine(first, rounds=0) is first
     close = search.trial({d0: 0.5, d1: 0.5})  # 0.386: within a slack of 0.2 of the target
     assert search.refine(close, slack=0.2) is close
+    # An evaluator that scores both alike: the wider candidate wins the tie (not the one
+    # that prunes more, as `best` would choose), so the budget is used.
+    flat = Search(dense_chain(), lambda m: 0.9, kprune.search.macs(0.5), verbose=0)
+    record, _ = flat.refine(flat.trial({d0: 0.8, d1: 0.8}))
+    assert record.step == "refine" and record.measured == pytest.approx(85 / 220)
+    worse = Search(dense_chain(), lambda m: -float(m.count_params()), kprune.search.macs(0.5),
+                   verbose=0)
+    first = worse.trial({d0: 0.8, d1: 0.8})
+    assert worse.refine(first) is first  # the candidate scores lower: the best stays
     with pytest.raises(KprunError, match="`refine` must be an int >= 0"):
         kprune.search.amc(dense_chain(), Evaluator(), kprune.search.macs(0.5), refine=-1)
     with pytest.raises(KprunError, match="`refine` must be an int >= 0"):

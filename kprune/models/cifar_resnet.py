@@ -24,7 +24,9 @@ def cifar_resnet(
     filters, global average pooling and one `Dense` layer. The second and
     third stages start with stride 2; their first block's shortcut is a 1x1
     stride-2 convolution followed by BatchNormalization (the paper's option
-    B), so every shortcut is a plain Keras layer. Convolutions use
+    B), so every shortcut is a plain Keras layer. An `input_shape` of two
+    dimensions, `(length, channels)`, builds the same network for sequences
+    (Conv1D, kernel 3, GlobalAveragePooling1D), as for MNIST-1D. Convolutions use
     `he_normal` initialisation and no bias (a BatchNormalization follows
     each one, with PyTorch's defaults: momentum 0.9, epsilon 1e-5). ResNet-56
     has 855,770 trainable parameters (0.86M; the paper's option-A shortcuts
@@ -38,7 +40,8 @@ def cifar_resnet(
     Args:
         depth: Number of weighted layers, `6n + 2`: 20, 32, 44, 56, 110, ...
         num_classes: Size of the classifier output.
-        input_shape: Shape of one input image, channels last.
+        input_shape: Shape of one input, channels last: `(height, width,
+            channels)` for images, `(length, channels)` for sequences.
         width: Filters of the first stage (16 in the paper).
         classifier_activation: Activation of the last layer; None returns
             logits.
@@ -51,6 +54,8 @@ def cifar_resnet(
     >>> model = cifar_resnet(20)
     >>> model.output_shape
     (None, 10)
+    >>> cifar_resnet(20, input_shape=(40, 1)).output_shape
+    (None, 10)
     """
     _check_positive_int("depth", depth)
     if depth < 8 or (depth - 2) % 6:
@@ -60,37 +65,46 @@ def cifar_resnet(
         )
     _check_positive_int("num_classes", num_classes)
     _check_positive_int("width", width)
+    if len(tuple(input_shape)) not in (2, 3):
+        raise KprunError(
+            f"cifar_resnet: `input_shape` must be (height, width, channels) or "
+            f"(length, channels), got {tuple(input_shape)}."
+        )
     blocks = (depth - 2) // 6
+    rank = len(tuple(input_shape)) - 1
 
     inputs = keras.Input(shape=tuple(input_shape), name="input")
-    x = _conv_bn(inputs, width, 3, 1, "stem")
+    x = _conv_bn(inputs, width, 3, 1, "stem", rank=rank)
     x = keras.layers.ReLU(name="stem_relu")(x)
     for stage in range(3):
         filters = width * 2**stage
         for block in range(blocks):
             strides = 2 if stage > 0 and block == 0 else 1
             name = f"stage{stage + 1}_block{block + 1}"
-            x = _basic_block(x, filters, strides, name)
-    x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
+            x = _basic_block(x, filters, strides, name, rank)
+    pool = keras.layers.GlobalAveragePooling1D if rank == 1 else keras.layers.GlobalAveragePooling2D
+    x = pool(name="avg_pool")(x)
     outputs = keras.layers.Dense(
         num_classes, activation=classifier_activation, name="predictions"
     )(x)
     return keras.Model(inputs, outputs, name=f"resnet{depth}")
 
 
-def _basic_block(x, filters: int, strides: int, name: str):
+def _basic_block(x, filters: int, strides: int, name: str, rank: int):
     shortcut = x
     if strides != 1 or x.shape[-1] != filters:
-        shortcut = _conv_bn(x, filters, 1, strides, f"{name}_proj", suffix="")
-    y = _conv_bn(x, filters, 3, strides, name, suffix="1")
+        shortcut = _conv_bn(x, filters, 1, strides, f"{name}_proj", suffix="", rank=rank)
+    y = _conv_bn(x, filters, 3, strides, name, suffix="1", rank=rank)
     y = keras.layers.ReLU(name=f"{name}_relu1")(y)
-    y = _conv_bn(y, filters, 3, 1, name, suffix="2")
+    y = _conv_bn(y, filters, 3, 1, name, suffix="2", rank=rank)
     y = keras.layers.Add(name=f"{name}_add")([y, shortcut])
     return keras.layers.ReLU(name=f"{name}_out")(y)
 
 
-def _conv_bn(x, filters: int, kernel_size: int, strides: int, name: str, suffix: str = ""):
-    x = keras.layers.Conv2D(
+def _conv_bn(x, filters: int, kernel_size: int, strides: int, name: str, suffix: str = "",
+             rank: int = 2):
+    conv = keras.layers.Conv1D if rank == 1 else keras.layers.Conv2D
+    x = conv(
         filters,
         kernel_size,
         strides=strides,

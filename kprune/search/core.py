@@ -609,8 +609,10 @@ class Search:
         (`scaled_down`) to the estimate that its own measured / estimated
         ratio puts `slack / 2` under the target, and that candidate is tried
         (step 'refine'). It replaces the best when it is within the budget and
-        scores higher (`best`); one over the target teaches the next round a
-        lower goal. Returns the (new) best.
+        scores at least as high (a tie goes to the wider model: evaluators
+        on a small held-out set score many candidates alike, and `best`
+        would keep the more pruned one); one over the target teaches the
+        next round a lower goal. Returns the (new) best.
 
         Args:
             best: The strategy's best `(Trial, model)` (None: returned as is).
@@ -640,10 +642,9 @@ class Search:
             reference = candidate[0]
             if not self.bound.met(candidate[0].measured):
                 continue
-            chosen = self.best([best, candidate])
-            if chosen is best:
+            if candidate[0].score < best[0].score:
                 break
-            best = chosen
+            best = candidate  # as good and wider: a tie goes to the one that uses the budget
         return best
 
     def best(self, pairs: list) -> tuple | None:
