@@ -115,6 +115,7 @@ def test_resnet_keras_round_trip(tmp_path):
         ({"depth": 20, "width": 0}, "width"),
         ({"depth": 20, "num_classes": 1.5}, "num_classes"),
         ({"depth": 20, "input_shape": (32,)}, "input_shape"),
+        ({"depth": 20, "input_shape": 32}, "input_shape"),
     ],
 )
 def test_resnet_bad_arguments(kwargs, match):

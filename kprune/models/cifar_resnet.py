@@ -65,15 +65,19 @@ def cifar_resnet(
         )
     _check_positive_int("num_classes", num_classes)
     _check_positive_int("width", width)
-    if len(tuple(input_shape)) not in (2, 3):
+    try:
+        shape = tuple(input_shape)
+    except TypeError:  # an int or None: not a shape
+        shape = ()
+    if len(shape) not in (2, 3):
         raise KprunError(
             f"cifar_resnet: `input_shape` must be (height, width, channels) or "
-            f"(length, channels), got {tuple(input_shape)}."
+            f"(length, channels), got {input_shape!r}."
         )
     blocks = (depth - 2) // 6
-    rank = len(tuple(input_shape)) - 1
+    rank = len(shape) - 1
 
-    inputs = keras.Input(shape=tuple(input_shape), name="input")
+    inputs = keras.Input(shape=shape, name="input")
     x = _conv_bn(inputs, width, 3, 1, "stem", rank=rank)
     x = keras.layers.ReLU(name="stem_relu")(x)
     for stage in range(3):
